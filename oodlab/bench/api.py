@@ -1,0 +1,83 @@
+"""``oodlab bench`` as a library call: resolve the model, run the detectors, write the tables."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..data.suites import Suite, load_suite
+from ..detectors.base import Detector, available, create
+from ..features import FeatureCache
+from ..models.zoo import checkpoint_fingerprint, load_checkpoint
+from ..training.recipes import default_checkpoint
+from .report import format_summary, write_tables
+from .runner import BenchContext, run_detectors
+
+__all__ = ["run_bench", "parse_detectors"]
+
+
+def parse_detectors(names: str | list[str] | None, params: dict[str, dict[str, Any]] | None = None) -> list[Detector]:
+    """Detectors from a comma list (default: every registered one) with optional per-name parameters."""
+    if names is None:
+        chosen = available()
+    elif isinstance(names, str):
+        chosen = [n.strip() for n in names.split(",") if n.strip()]
+    else:
+        chosen = list(names)
+    if not chosen:
+        raise ValueError("no detectors given; see `oodlab list` for the names")
+    params = params or {}
+    unknown = set(params) - set(chosen)
+    if unknown:
+        raise ValueError(f"parameters given for detectors not in the run: {', '.join(sorted(unknown))}")
+    return [create(n, **params.get(n, {})) for n in chosen]
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("oodlab", "torch", "torchvision", "numpy", "scikit-learn", "faiss-cpu", "zuko"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def run_bench(suite: str | Suite = "fashionmnist", detectors: str | list[str] | None = None,
+              checkpoint: str | Path | None = None, out_dir: str | Path | None = None,
+              params: dict[str, dict[str, Any]] | None = None, data_root: str | Path | None = None,
+              batch_size: int = 512, device: str | None = None, command: str | None = None,
+              verbose: bool = True) -> list[dict[str, Any]]:
+    """Evaluate ``detectors`` on ``suite`` with ``checkpoint`` (default: oodlab's default model for
+    the suite, trained on first use) and write results into ``out_dir``. Returns the result rows."""
+    suite_obj = suite if isinstance(suite, Suite) else load_suite(suite, data_root)
+    dets = parse_detectors(detectors, params)
+    if checkpoint is None:
+        checkpoint = default_checkpoint(suite_obj, device=device, verbose=verbose)
+    model, meta = load_checkpoint(checkpoint, device or "cpu")
+    if model.num_classes != suite_obj.num_classes:
+        raise ValueError(f"checkpoint {checkpoint} has {model.num_classes} classes but suite "
+                         f"{suite_obj.name} has {suite_obj.num_classes}")
+    model_id = checkpoint_fingerprint(checkpoint)
+    out = Path(out_dir) if out_dir is not None else Path("runs") / f"{suite_obj.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    t0 = time.perf_counter()
+    ctx = BenchContext(suite_obj, model, model_id, out, FeatureCache(), batch_size, device)
+    rows = run_detectors(ctx, dets)
+    settings = {
+        "suite": suite_obj.name, "checkpoint": str(checkpoint), "model_id": model_id,
+        "model_meta": {k: meta.get(k) for k in ("arch", "num_classes", "in_channels", "epoch", "objective")},
+        "data": {"id_train": suite_obj.id_train.fingerprint, "id_test": suite_obj.id_test.fingerprint,
+                 **{k: v.fingerprint for k, v in suite_obj.ood.items()}},
+        "groups": suite_obj.groups, "detectors": {d.name: d.config() for d in dets},
+        "command": command, "versions": _versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "seconds": round(time.perf_counter() - t0, 2), "feature_cache": str(ctx.cache.root),
+    }
+    write_tables(out, rows, settings)
+    if verbose:
+        print(format_summary(rows))
+        print(f"\nResults in {out}/ (results.md, results.csv, results.json)")
+    return rows

@@ -1,0 +1,92 @@
+"""Result tables: the terminal summary and results.json / results.csv / results.md in a run folder."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["METRICS", "summary_rows", "format_summary", "markdown", "write_tables"]
+
+METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
+_LABEL = {"auroc": "AUROC", "fpr95": "FPR95", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out"}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per detector (in first-seen order): per-OOD metrics, their means and ID accuracy."""
+    order: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        s = order.setdefault(r["key"], {"detector": r["detector"], "key": r["key"], "params": r["params"],
+                                        "id_acc": r["id_acc"], "per_ood": {}})
+        s["per_ood"][r["ood"]] = {m: r[m] for m in METRICS}
+    for s in order.values():
+        s["mean"] = {m: sum(v[m] for v in s["per_ood"].values()) / len(s["per_ood"]) for m in METRICS}
+    return list(order.values())
+
+
+def _label(s: dict[str, Any], keys: list[str]) -> str:
+    """Detector name, with its key when the same detector appears with several settings."""
+    return s["key"] if sum(k.startswith(s["detector"] + "-") for k in keys) > 1 else s["detector"]
+
+
+def _grid(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(b) for b in body)])
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    """Terminal table: AUROC / FPR95 per OOD set (in %), the four means and ID accuracy."""
+    summ = summary_rows(rows)
+    if not summ:
+        return "(no results)"
+    oods = list(summ[0]["per_ood"])
+    keys = [s["key"] for s in summ]
+    header = ["detector", *(f"{o} AUROC/FPR95" for o in oods), *(f"mean {_LABEL[m]}" for m in METRICS), "ID acc"]
+    body = [[_label(s, keys), *(f"{_pct(s['per_ood'][o]['auroc'])}/{_pct(s['per_ood'][o]['fpr95'])}" for o in oods),
+             *(_pct(s["mean"][m]) for m in METRICS), _pct(s["id_acc"])] for s in summ]
+    return _grid(header, body)
+
+
+def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    """results.md: the summary table and the full per-OOD table, metrics in %."""
+    summ = summary_rows(rows)
+    keys = [s["key"] for s in summ]
+    oods = list(summ[0]["per_ood"]) if summ else []
+    out = io.StringIO()
+    out.write(f"# oodlab bench: {settings.get('suite', '?')}\n\n")
+    out.write(f"Checkpoint `{settings.get('checkpoint', '?')}` (fingerprint {settings.get('model_id', '?')}). "
+              "ID is the positive class; higher score = more ID; FPR95 = OOD accepted at 95% ID TPR. Values in %.\n\n")
+    out.write("| detector | " + " | ".join(f"{o} AUROC / FPR95" for o in oods) + " | mean AUROC | mean FPR95 | ID acc |\n")
+    out.write("|---" * (len(oods) + 4) + "|\n")
+    for s in summ:
+        cells = [f"{_pct(s['per_ood'][o]['auroc'])} / {_pct(s['per_ood'][o]['fpr95'])}" for o in oods]
+        out.write(f"| {_label(s, keys)} | " + " | ".join(cells)
+                  + f" | {_pct(s['mean']['auroc'])} | {_pct(s['mean']['fpr95'])} | {_pct(s['id_acc'])} |\n")
+    out.write("\n## All metrics\n\n| detector | OOD set | group | AUROC | FPR95 | AUPR-In | AUPR-Out |\n|---|---|---|---|---|---|---|\n")
+    for r in rows:
+        out.write(f"| {r['key']} | {r['ood']} | {r['group']} | " + " | ".join(_pct(r[m]) for m in METRICS) + " |\n")
+    out.write("\n## Detector settings\n\n")
+    for s in summ:
+        out.write(f"- `{s['key']}`: {json.dumps(s['params'], sort_keys=True, default=str)}\n")
+    return out.getvalue()
+
+
+def write_tables(out_dir: str | Path, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    """Write results.json (settings + rows), results.csv (one row per detector x OOD set) and results.md."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2, default=str))
+    fields = ["detector", "key", "ood", "group", *METRICS, "id_acc", "fit_s", "score_s", "params"]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "params": json.dumps(r["params"], sort_keys=True, default=str)})
+    (out / "results.md").write_text(markdown(rows, settings))

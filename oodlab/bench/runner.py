@@ -1,0 +1,114 @@
+"""The benchmark runner: suite x model x detectors -> result rows, written as they finish.
+
+Features of every data set are extracted once (and cached on disk), then every detector runs on
+them, so a sweep of N detectors costs one forward pass per data set, not N. Detectors that must
+see the input (``needs = "model"``) go back to the model for the evaluation sets only.
+
+Each finished detector appends its rows to ``results.jsonl`` and its per-sample scores to
+``scores/<key>.npz``; a re-run with the same output folder skips what is already there, so an
+interrupted benchmark resumes instead of starting over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.suites import Suite
+from ..detectors.base import Detector, score_with_model
+from ..features import FeatureCache, Features
+from ..metrics import evaluate
+from ..models.adapter import Classifier
+from ..runtime import progress
+
+__all__ = ["BenchContext", "detector_key", "run_detectors", "load_rows", "load_scores"]
+
+
+@dataclass
+class BenchContext:
+    """Everything a run needs besides the detectors: the suite, the model and where to write."""
+
+    suite: Suite
+    model: Classifier
+    model_id: str
+    out_dir: Path
+    cache: FeatureCache
+    batch_size: int = 512
+    device: torch.device | str | None = None
+
+    def features(self) -> tuple[Features, Features, dict[str, Features]]:
+        """(ID train, ID test, {OOD name: features}), from the cache when possible."""
+        get = lambda data: self.cache.get(self.model, self.model_id, data, self.batch_size, self.device)  # noqa: E731
+        return get(self.suite.id_train), get(self.suite.id_test), {k: get(v) for k, v in self.suite.ood.items()}
+
+
+def detector_key(det: Detector) -> str:
+    """File-safe identity of a detector and its hyperparameters, e.g. ``ash-s-1a2b3c4d``."""
+    cfg = json.dumps(det.config(), sort_keys=True, default=str)
+    return f"{det.name}-{hashlib.sha256(cfg.encode()).hexdigest()[:8]}"
+
+
+def load_rows(out_dir: Path) -> list[dict[str, Any]]:
+    """Rows already written to ``out_dir/results.jsonl`` (a truncated last line is ignored)."""
+    path = Path(out_dir) / "results.jsonl"
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def load_scores(out_dir: Path, key: str) -> dict[str, np.ndarray]:
+    """Per-sample scores of one detector: ``{"id": ..., "<ood name>": ...}`` (float64)."""
+    with np.load(Path(out_dir) / "scores" / f"{key}.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _score(det: Detector, ctx: BenchContext, feats: Features, data) -> torch.Tensor:
+    if det.needs == "model":
+        return score_with_model(det, ctx.model, data, min(ctx.batch_size, 256), ctx.device)
+    return det.score(feats)
+
+
+def run_detectors(ctx: BenchContext, detectors: list[Detector]) -> list[dict[str, Any]]:
+    """Fit and score every detector, append rows per detector, skip detectors already done."""
+    out = Path(ctx.out_dir)
+    (out / "scores").mkdir(parents=True, exist_ok=True)
+    done = {(r["key"], r["model_id"]) for r in load_rows(out)}
+    todo = [d for d in detectors if (detector_key(d), ctx.model_id) not in done]
+    if todo:
+        train, test, oods = ctx.features()
+        for det in progress(todo, desc="detectors", unit="detector", leave=True):
+            _run_one(ctx, det, train, test, oods)
+    keys = {detector_key(d) for d in detectors}
+    return [r for r in load_rows(out) if r["key"] in keys and r["model_id"] == ctx.model_id]
+
+
+def _run_one(ctx: BenchContext, det: Detector, train: Features, test: Features, oods: dict[str, Features]) -> None:
+    key = detector_key(det)
+    t0 = time.perf_counter()
+    det.fit(train, ctx.model.head)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = {"id": _score(det, ctx, test, ctx.suite.id_test).numpy()}
+    for name, feats in oods.items():
+        scores[name] = _score(det, ctx, feats, ctx.suite.ood[name]).numpy()
+    score_s = time.perf_counter() - t0
+    id_acc = float((det.logits(test).argmax(1) == test.labels).double().mean()) if test.labels is not None else float("nan")
+    np.savez_compressed(ctx.out_dir / "scores" / f"{key}.npz", **scores)
+    base = {"detector": det.name, "key": key, "params": det.config(), "model_id": ctx.model_id,
+            "suite": ctx.suite.name, "id_acc": id_acc, "fit_s": round(fit_s, 4), "score_s": round(score_s, 4)}
+    rows = [{**base, "ood": name, "group": ctx.suite.group_of(name), **evaluate(scores["id"], scores[name])}
+            for name in oods]
+    with open(ctx.out_dir / "results.jsonl", "a") as f:
+        f.writelines(json.dumps(r, default=str) + "\n" for r in rows)

@@ -1,0 +1,1 @@
+"""Data sources: one module per source, each returning :class:`~oodlab.data.base.ImageSet` objects."""

@@ -1,0 +1,118 @@
+"""Named benchmarks: an ID training/test set plus OOD sets grouped into near and far.
+
+``load_suite("fashionmnist")`` works offline on any machine with Fashion-MNIST (see the README).
+The CIFAR suites follow OpenOOD v1.5's lists; their folder-based sets (TinyImageNet, Textures,
+Places365) are read from ``<data_root>/<name>`` or ``<data_root>/images_classic/<name>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .base import ArrayDataset, DataMissingError, ImageSet, tensor_fingerprint
+from .locate import search_roots
+from .sources import digits, fashion_mnist, folder, glyphs, noise, torchvision_sets
+
+__all__ = ["Suite", "load_suite", "SUITES", "register_suite"]
+
+
+@dataclass(frozen=True)
+class Suite:
+    """An ID set (train/test split) and named OOD sets, grouped as ``{"near": [...], "far": [...]}``."""
+
+    name: str
+    id_train: ImageSet
+    id_test: ImageSet
+    ood: dict[str, ImageSet]
+    groups: dict[str, list[str]]
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    aux: ImageSet | None = field(default=None)
+
+    def group_of(self, ood_name: str) -> str:
+        return next(g for g, names in self.groups.items() if ood_name in names)
+
+
+SUITES: dict[str, Callable[..., Suite]] = {}
+
+
+def register_suite(name: str) -> Callable[[Callable[..., Suite]], Callable[..., Suite]]:
+    def deco(fn: Callable[..., Suite]) -> Callable[..., Suite]:
+        SUITES[name] = fn
+        return fn
+
+    return deco
+
+
+def load_suite(name: str, data_root: str | Path | None = None) -> Suite:
+    """Build the suite called ``name`` (see :data:`SUITES`)."""
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; available: {', '.join(sorted(SUITES))}")
+    return SUITES[name](data_root=data_root)
+
+
+def _far_28() -> dict[str, ImageSet]:
+    return {s.name: s for s in (digits.load(), glyphs.load(), noise.gaussian(), noise.uniform())}
+
+
+def _classes(data: ImageSet, keep: range, name: str) -> ImageSet:
+    ds = data.dataset
+    assert isinstance(ds, ArrayDataset)
+    mask = (ds.labels >= keep.start) & (ds.labels < keep.stop)
+    images, labels = ds.images[mask], ds.labels[mask] - keep.start
+    return ImageSet(name, ArrayDataset(images, labels), tensor_fingerprint(images, labels), len(keep))
+
+
+@register_suite("fashionmnist")
+def _fashionmnist(data_root: str | Path | None = None) -> Suite:
+    far = _far_28()
+    return Suite("fashionmnist", fashion_mnist.load("train", data_root), fashion_mnist.load("test", data_root),
+                 far, {"near": [], "far": list(far)}, 10, (1, 28, 28))
+
+
+@register_suite("fashionmnist-split")
+def _fashionmnist_split(data_root: str | Path | None = None) -> Suite:
+    train, test = fashion_mnist.load("train", data_root), fashion_mnist.load("test", data_root)
+    near = _classes(test, range(6, 10), "fashionmnist-6to9")
+    unlabeled = ImageSet(near.name, ArrayDataset(near.dataset.images), near.fingerprint + "u")  # type: ignore[attr-defined]
+    far = _far_28()
+    return Suite("fashionmnist-split", _classes(train, range(0, 6), "fashionmnist-0to5"),
+                 _classes(test, range(0, 6), "fashionmnist-0to5-test"), {unlabeled.name: unlabeled, **far},
+                 {"near": [unlabeled.name], "far": list(far)}, 6, (1, 28, 28))
+
+
+def _folder_set(name: str, data_root: str | Path | None) -> ImageSet:
+    for root in search_roots(data_root):
+        for cand in (root / name, root / "images_classic" / name):
+            if cand.is_dir():
+                return folder.load(cand, name=name, size=32, channels=3)
+    raise DataMissingError(
+        f"OOD set {name!r} not found: put its images in <data_root>/{name}/ (OpenOOD v1.5's "
+        f"images_classic/{name} layout also works) and pass --data-root or set OODLAB_DATA"
+    )
+
+
+def _cifar(which: str, other: str, data_root: str | Path | None) -> Suite:
+    def tv(name: str, split: str = "test") -> ImageSet:
+        return torchvision_sets.load(name, split, data_root, size=32, channels=3)
+
+    ood = {other: tv(other), "tin": _folder_set("tin", data_root),
+           "mnist": tv("mnist"), "svhn": tv("svhn"), "texture": _folder_set("texture", data_root),
+           "places365": _folder_set("places365", data_root)}
+    return Suite(which, tv(which, "train"), tv(which), ood,
+                 {"near": [other, "tin"], "far": ["mnist", "svhn", "texture", "places365"]},
+                 10 if which == "cifar10" else 100, (3, 32, 32))
+
+
+@register_suite("cifar10")
+def _cifar10(data_root: str | Path | None = None) -> Suite:
+    return _cifar("cifar10", "cifar100", data_root)
+
+
+@register_suite("cifar100")
+def _cifar100(data_root: str | Path | None = None) -> Suite:
+    return _cifar("cifar100", "cifar10", data_root)

@@ -1,0 +1,16 @@
+"""Post-hoc OOD detectors, one module per family, all registered by name in :data:`REGISTRY`.
+
+Every module in this package is imported here, so a new method needs only its own module.
+"""
+
+import importlib
+import pkgutil
+
+from .base import REGISTRY, Detector, NotFittedError, available, create, energy, load_detector, register, score_with_model
+
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name != "base":
+        importlib.import_module(f"{__name__}.{_mod.name}")
+
+__all__ = ["REGISTRY", "Detector", "NotFittedError", "available", "create", "energy", "load_detector", "register",
+           "score_with_model"]

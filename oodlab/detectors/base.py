@@ -1,0 +1,184 @@
+"""The detector contract and the registry by name.
+
+A detector follows scikit-learn's estimator habits: the constructor only stores hyperparameters
+(the paper's defaults), :meth:`Detector.fit` learns from **ID training features only** and returns
+``self``, :meth:`Detector.score` gives one float64 score per sample with **higher = more ID**.
+Learned state is a flat ``dict[str, Tensor]`` saved as safetensors + JSON, never pickled.
+
+Most detectors read only cached :class:`~oodlab.features.Features` and the head (``needs =
+"features"``). The few that must see the input (``needs = "model"``) implement
+:meth:`Detector.score_inputs` and are run batch by batch through :func:`score_with_model`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from abc import ABC
+from pathlib import Path
+from typing import Any, ClassVar
+
+from typing_extensions import Self
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..data.base import ImageSet, batches
+from ..features import Features
+from ..models.adapter import Classifier
+from ..runtime import default_device, progress
+
+__all__ = ["Detector", "NotFittedError", "REGISTRY", "register", "create", "available", "load_detector",
+           "score_with_model", "energy"]
+
+
+class NotFittedError(RuntimeError):
+    """``score`` was called before ``fit``."""
+
+
+def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Negative free energy ``T * logsumexp(logits / T)`` in float64 (higher = more ID)."""
+    return temperature * torch.logsumexp(logits.double() / temperature, dim=1)
+
+
+class Detector(ABC):
+    """Base class: subclasses set ``name``, implement ``_score`` and optionally ``_fit``/``logits``."""
+
+    name: ClassVar[str]
+    needs: ClassVar[str] = "features"
+
+    def __init__(self) -> None:
+        self.state: dict[str, Tensor] = {}
+
+    # -- public contract ----------------------------------------------------------------------
+    def fit(self, train: Features, head: nn.Linear) -> Self:
+        """Learn ID statistics from ``train`` (ID training features) and the classifier's ``head``."""
+        _check_features(train, "training features")
+        if head.in_features != train.z.shape[1]:
+            raise ValueError(f"head expects {head.in_features}-d features but z is {train.z.shape[1]}-d")
+        self.state = {"weight": head.weight.detach().float().cpu().clone(),
+                      "bias": (head.bias.detach() if head.bias is not None else torch.zeros(head.out_features)).float().cpu().clone()}
+        self._fit(train)
+        return self
+
+    def score(self, feats: Features) -> Tensor:
+        """ID-ness score per sample, float64 (N,), higher = more in-distribution."""
+        self._check_fitted()
+        if self.needs == "model":
+            raise TypeError(f"{self.name} needs the model: use score_with_model(detector, model, data)")
+        _check_features(feats, "features")
+        if feats.z.shape[1] != self.state["weight"].shape[1]:
+            raise ValueError(f"{self.name} was fitted on {self.state['weight'].shape[1]}-d features, got {feats.z.shape[1]}-d")
+        s = self._score(feats).double()
+        if s.shape != (len(feats),):
+            raise AssertionError(f"{self.name} returned scores of shape {tuple(s.shape)}")
+        return s
+
+    def logits(self, feats: Features) -> Tensor:
+        """Logits this method classifies with (differs from the model's when it edits z or the head)."""
+        return feats.logits
+
+    def score_inputs(self, model: Classifier, x: Tensor) -> Tensor:
+        """Scores for a batch of inputs ``x`` (only for ``needs = "model"`` detectors)."""
+        raise TypeError(f"{self.name} scores cached features; call score(features)")
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.state)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.state["weight"]
+
+    @property
+    def bias(self) -> Tensor:
+        return self.state["bias"]
+
+    def config(self) -> dict[str, Any]:
+        """Hyperparameters: the constructor's arguments by name."""
+        params = inspect.signature(type(self).__init__).parameters
+        return {p: getattr(self, p) for p in params if p != "self"}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> Self:
+        self.state = {k: v.clone() for k, v in state.items()}
+        return self
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path.safetensors`` (fitted state) and ``path.json`` (name + config)."""
+        self._check_fitted()
+        path = Path(path).with_suffix(".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state.items()}, str(path))
+        path.with_suffix(".json").write_text(json.dumps({"detector": self.name, "config": self.config()}, indent=2))
+        return path
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _fit(self, train: Features) -> None:
+        """Learn extra state from ID training features (default: nothing beyond the head)."""
+
+    def _score(self, feats: Features) -> Tensor:
+        raise TypeError(f"{type(self).__name__} must implement _score or score_inputs")
+
+    def _check_fitted(self) -> None:
+        if not self.fitted:
+            raise NotFittedError(f"{self.name} is not fitted: call fit(train_features, head) first")
+
+
+def _check_features(feats: Features, what: str) -> None:
+    if len(feats) == 0:
+        raise ValueError(f"{what} are empty")
+    if not torch.isfinite(feats.z).all() or not torch.isfinite(feats.logits).all():
+        raise ValueError(f"{what} contain NaN or inf values; check the model and the input data")
+
+
+REGISTRY: dict[str, type[Detector]] = {}
+
+
+def register(cls: type[Detector]) -> type[Detector]:
+    """Class decorator: make ``cls`` available by ``cls.name``."""
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"detector name {cls.name!r} is registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Registered detector names, sorted."""
+    return sorted(REGISTRY)
+
+
+def create(name: str, **params: Any) -> Detector:
+    """A new detector by registry name, e.g. ``create("ash-b", percentile=65)``."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown detector {name!r}; available: {', '.join(available())}")
+    try:
+        return REGISTRY[name](**params)
+    except TypeError as exc:
+        raise ValueError(f"bad parameters for {name}: {exc}") from exc
+
+
+def load_detector(path: str | Path) -> Detector:
+    """Load a detector written by :meth:`Detector.save` (no pickle involved)."""
+    path = Path(path).with_suffix(".safetensors")
+    info = json.loads(path.with_suffix(".json").read_text())
+    return create(info["detector"], **info["config"]).load_state_dict(load_file(str(path)))
+
+
+def score_with_model(detector: Detector, model: Classifier, data: ImageSet, batch_size: int = 256,
+                     device: torch.device | str | None = None) -> Tensor:
+    """Scores of a ``needs = "model"`` detector over a whole data set, batch by batch (float64, CPU)."""
+    detector._check_fitted()
+    device = torch.device(device) if device is not None else default_device()
+    model.eval().to(device)
+    out = [detector.score_inputs(model, x.to(device)).double().cpu()
+           for x, _ in progress(batches(data, batch_size), desc=f"{detector.name} {data.name}",
+                                total=(len(data) + batch_size - 1) // batch_size, unit="batch")]
+    return torch.cat(out)

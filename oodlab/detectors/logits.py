@@ -1,0 +1,57 @@
+"""Scores read off the logits: MSP, MaxLogit and Energy."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..features import Features
+from .base import Detector, energy, register
+
+__all__ = ["MSP", "MaxLogit", "Energy"]
+
+
+@register
+class MSP(Detector):
+    """Maximum softmax probability (Hendrycks & Gimpel 2017).
+
+    Computed in float64: in float32 the softmax of a confident sample rounds to exactly 1.0, and
+    those ties change FPR95.
+    """
+
+    name = "msp"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def _score(self, feats: Features) -> Tensor:
+        return torch.softmax(feats.logits.double() / self.temperature, dim=1).max(dim=1).values
+
+
+@register
+class MaxLogit(Detector):
+    """The largest logit (Hendrycks et al. 2022)."""
+
+    name = "maxlogit"
+
+    def _score(self, feats: Features) -> Tensor:
+        return feats.logits.double().max(dim=1).values
+
+
+@register
+class Energy(Detector):
+    """Negative free energy ``T logsumexp(f(z)/T)`` with T = 1 (Liu et al. 2020)."""
+
+    name = "energy"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def _score(self, feats: Features) -> Tensor:
+        return energy(feats.logits, self.temperature)

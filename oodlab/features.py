@@ -1,0 +1,138 @@
+"""Features: one data set seen through one model, ``(z, logits, labels)``, extracted once and cached.
+
+The cache key is (checkpoint fingerprint, data set fingerprint, model tag); files are safetensors
+with a JSON sidecar that records the key and a SHA-256 of the tensor file. A cache entry whose
+key or checksum does not match, or that cannot be read, is rebuilt (with a warning), never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .data.base import ImageSet, batches
+from .models.adapter import Classifier
+from .runtime import cache_dir, default_device, progress
+
+__all__ = ["Features", "extract", "FeatureCache"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Features:
+    """Penultimate features ``z`` (N, D), ``logits`` (N, C) and ``labels`` (N,) or None for OOD data."""
+
+    z: Tensor
+    logits: Tensor
+    labels: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.z.ndim != 2 or self.logits.ndim != 2 or self.z.shape[0] != self.logits.shape[0]:
+            raise ValueError(f"z must be (N, D) and logits (N, C) with the same N; got {tuple(self.z.shape)} "
+                             f"and {tuple(self.logits.shape)}")
+        if self.labels is not None and self.labels.shape != (self.z.shape[0],):
+            raise ValueError(f"labels must be ({self.z.shape[0]},), got {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.z.shape[0]
+
+    def accuracy(self) -> float:
+        """Top-1 accuracy of ``logits`` against ``labels``."""
+        if self.labels is None:
+            raise ValueError("these features have no labels (OOD data)")
+        return float((self.logits.argmax(1) == self.labels).float().mean())
+
+
+@torch.no_grad()
+def extract(model: Classifier, data: ImageSet, batch_size: int = 512, device: torch.device | str | None = None) -> Features:
+    """Run ``model`` over ``data`` once, in eval mode, collecting z, logits and labels (on CPU)."""
+    device = torch.device(device) if device is not None else default_device()
+    was_training = model.training
+    model.eval().to(device)
+    zs, logits, labels = [], [], []
+    try:
+        for x, y in progress(batches(data, batch_size), desc=f"features {data.name}",
+                             total=(len(data) + batch_size - 1) // batch_size, unit="batch"):
+            z = model.features(x.to(device, non_blocking=True))
+            zs.append(z.float().cpu())
+            logits.append(model.head(z).float().cpu())
+            labels.append(torch.as_tensor(y).long())
+    finally:
+        model.train(was_training)
+    lab = torch.cat(labels)
+    return Features(torch.cat(zs), torch.cat(logits), lab if bool((lab >= 0).all()) else None)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """On-disk cache of :class:`Features` under ``root`` (default ``<cache_dir>/features``)."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root is not None else cache_dir() / "features"
+        self.extractions = 0  # forward passes over a data set done by this cache object
+
+    def _key(self, model_id: str, data: ImageSet) -> dict[str, str]:
+        return {"model": model_id, "data": data.fingerprint, "name": data.name}
+
+    def _paths(self, key: dict[str, str]) -> tuple[Path, Path]:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        base = self.root / f"{key['name']}-{digest}"
+        return base.with_suffix(".safetensors"), base.with_suffix(".json")
+
+    def get(self, model: Classifier, model_id: str, data: ImageSet, batch_size: int = 512,
+            device: torch.device | str | None = None) -> Features:
+        """Cached features of ``data`` through ``model`` (``model_id`` identifies its weights)."""
+        key = self._key(model_id, data)
+        tensors, meta = self._paths(key)
+        cached = self._read(tensors, meta, key)
+        if cached is not None:
+            return cached
+        feats = extract(model, data, batch_size, device)
+        self._write(feats, tensors, meta, key)
+        self.extractions += 1
+        return feats
+
+    def _read(self, tensors: Path, meta: Path, key: dict[str, str]) -> Features | None:
+        if not tensors.exists() and not meta.exists():
+            return None
+        try:
+            info = json.loads(meta.read_text())
+            if info.get("key") != key:
+                raise ValueError("key mismatch (stale entry)")
+            if info.get("sha256") != _sha256(tensors):
+                raise ValueError("checksum mismatch (corrupted file)")
+            t = load_file(str(tensors))
+            feats = Features(t["z"], t["logits"], t.get("labels"))
+            if len(feats) != info.get("n"):
+                raise ValueError("length mismatch")
+            return feats
+        except Exception as exc:  # any unreadable entry is rebuilt, never used
+            log.warning("feature cache entry %s is unusable (%s); rebuilding it", tensors.name, exc)
+            tensors.unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
+            return None
+
+    def _write(self, feats: Features, tensors: Path, meta: Path, key: dict[str, str]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        t = {"z": feats.z.contiguous(), "logits": feats.logits.contiguous()}
+        if feats.labels is not None:
+            t["labels"] = feats.labels.contiguous()
+        tmp = tensors.with_suffix(".tmp")
+        save_file(t, str(tmp))
+        tmp.replace(tensors)
+        meta.write_text(json.dumps({"key": key, "sha256": _sha256(tensors), "n": len(feats)}, sort_keys=True))

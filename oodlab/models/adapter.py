@@ -1,0 +1,122 @@
+"""The :class:`Classifier` adapter: ``features(x) -> z`` and a linear ``head``, for any network.
+
+Every post-hoc detector reads only ``z``, ``head.weight`` and ``head.bias``. A few (ODIN, ASH on a
+feature map) go back to the input; they use :meth:`Classifier.feature_map` and
+:meth:`Classifier.pool`, never a network's private attributes. Input normalisation lives inside the
+classifier, so data sets stay in [0, 1] and input-space perturbations (ODIN) are in pixel units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Classifier", "AdapterError"]
+
+
+class AdapterError(ValueError):
+    """The wrapped network does not split into features + linear head as claimed."""
+
+
+class _Fn(nn.Module):
+    """A module around a function of another module (keeps that module's parameters registered)."""
+
+    def __init__(self, owner: nn.Module, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.owner = owner
+        self._fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._fn(x)
+
+
+class Classifier(nn.Module):
+    """``logits = head(pool(body(normalise(x))))`` with ``z = pool(body(...))`` the penultimate features.
+
+    body: input -> last feature map (or any tensor); pool: that tensor -> z (N, D); head: nn.Linear(D, C).
+    """
+
+    def __init__(self, body: nn.Module, pool: nn.Module, head: nn.Linear,
+                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)) -> None:
+        super().__init__()
+        if not isinstance(head, nn.Linear):
+            raise AdapterError(f"the head must be an nn.Linear, got {type(head).__name__}")
+        self.body, self.pool, self.head = body, pool, head
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.in_features
+
+    def normalise(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The body's output before pooling (the last block's feature map for CNNs)."""
+        return self.body(self.normalise(x))
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate features z (N, D): after pooling, before the head."""
+        return self.pool(self.feature_map(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+    # -- wrapping networks built elsewhere ------------------------------------------------------
+    @classmethod
+    def from_torchvision_resnet(cls, model: nn.Module, mean: Sequence[float] = (0.485, 0.456, 0.406),
+                                std: Sequence[float] = (0.229, 0.224, 0.225), probe: Tensor | None = None) -> "Classifier":
+        """Wrap a torchvision ResNet (``fc`` head after ``avgpool``); checked on ``probe`` (default: random 2x3x224x224)."""
+        needed = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
+        missing = [n for n in needed if not hasattr(model, n)]
+        if missing:
+            raise AdapterError(f"not a torchvision ResNet: missing {', '.join(missing)}")
+        m = model
+        body = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+        clf = cls(body, nn.Sequential(m.avgpool, nn.Flatten(1)), m.fc, mean, std)
+        clf.verify(model, probe if probe is not None else torch.rand(2, 3, 224, 224), normalised_input=True)
+        return clf
+
+    @classmethod
+    def from_forward_split(cls, model: nn.Module, probe: Tensor, mean: Sequence[float] = (0.0,),
+                           std: Sequence[float] = (1.0,)) -> "Classifier":
+        """Wrap a model with timm's ``forward_features`` / ``forward_head(pre_logits=True)`` / ``get_classifier()``.
+
+        Refuses (AdapterError) when ``head(features(x)) != model(x)`` on ``probe``, as for distilled
+        DeiT (two heads) or MobileNetV3 (layers between pooling and the classifier).
+        """
+        for attr in ("forward_features", "forward_head", "get_classifier"):
+            if not hasattr(model, attr):
+                raise AdapterError(f"model has no {attr}(); wrap it with Classifier(body, pool, head) instead")
+        head = model.get_classifier()
+        if not isinstance(head, nn.Linear):
+            raise AdapterError(f"model.get_classifier() is {type(head).__name__}, not one nn.Linear: "
+                               "post-hoc methods need logits = W z + b")
+        clf = cls(_Fn(model, model.forward_features), _Fn(model, lambda f: model.forward_head(f, pre_logits=True)),
+                  head, mean, std)
+        clf.verify(model, probe, normalised_input=True)
+        return clf
+
+    @torch.no_grad()
+    def verify(self, model: nn.Module, probe: Tensor, normalised_input: bool = False, atol: float = 1e-4) -> None:
+        """Check on ``probe`` that this adapter reproduces ``model``'s logits; raise AdapterError if not."""
+        was_training = model.training
+        model.eval()
+        try:
+            ref = model(probe if not normalised_input else self.normalise(probe))
+            got = self(probe)
+        finally:
+            model.train(was_training)
+        if not isinstance(ref, Tensor) or ref.shape != got.shape or not torch.allclose(ref, got, atol=atol, rtol=1e-4):
+            raise AdapterError(
+                "head(features(x)) does not reproduce model(x) on the probe batch: this network has layers "
+                "between its features and its linear classifier (or several heads). Wrap it by hand with "
+                "Classifier(body, pool, head) so that logits = head(pool(body(x)))."
+            )

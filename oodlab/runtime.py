@@ -1,0 +1,41 @@
+"""Small shared facilities: device choice, seeding, cache location, progress bars."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["default_device", "seed_everything", "cache_dir", "progress"]
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU (override with ``OODLAB_DEVICE``)."""
+    if env := os.environ.get("OODLAB_DEVICE"):
+        return torch.device(env)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cache_dir() -> Path:
+    """Root of oodlab's caches: ``$OODLAB_CACHE`` or ``~/.cache/oodlab``."""
+    return Path(os.environ.get("OODLAB_CACHE") or Path.home() / ".cache" / "oodlab")
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar on stderr; silent when ``OODLAB_QUIET`` is set (tests, scripts)."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("disable", bool(os.environ.get("OODLAB_QUIET")))
+    kwargs.setdefault("leave", False)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)

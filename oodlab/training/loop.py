@@ -1,0 +1,212 @@
+"""The shared training loop: seeded, a checkpoint every epoch, resumable, with a progress bar.
+
+A run folder holds ``epoch-NNN.safetensors/.json`` (weights + metadata after each epoch),
+``last.safetensors/.json`` (the newest), ``train_state.pt`` (optimizer, schedule and RNG state,
+tensors only, read with ``weights_only=True``) and ``history.jsonl`` (one row of metrics per
+epoch). Re-running the same command on the same folder resumes after the last finished epoch.
+
+What is optimised comes from an :class:`Objective` (plain cross-entropy, Outlier Exposure, GReg,
+Unleashing Mask...), so every method shares this one loop.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from ..data.base import ArrayDataset, ImageSet, batches
+from ..models.adapter import Classifier
+from ..models.zoo import save_checkpoint
+from ..runtime import default_device, progress, seed_everything
+
+__all__ = ["TrainConfig", "Objective", "train", "evaluate_accuracy", "augment", "shuffled_batches", "EpochHook"]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (SGD with momentum and a per-step cosine schedule by default)."""
+
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # "cosine" or "constant"
+    optimizer: str = "sgd"  # "sgd" or "adam"
+    augment: bool = True  # random 2-pixel shifts + horizontal flips
+    seed: int = 0
+    eval_batch_size: int = 512
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in metadata (method settings)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        if self.schedule not in ("cosine", "constant") or self.optimizer not in ("sgd", "adam"):
+            raise ValueError("schedule must be 'cosine' or 'constant'; optimizer 'sgd' or 'adam'")
+
+
+class Objective(ABC):
+    """What a training step minimises. ``loss`` returns the scalar loss and numbers to log."""
+
+    name: ClassVar[str]
+
+    def start_epoch(self, model: Classifier, epoch: int, device: torch.device) -> None:
+        """Called before each epoch (e.g. to re-sample auxiliary outliers)."""
+
+    @abstractmethod
+    def loss(self, model: Classifier, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Loss on an ID batch (x, y) in training mode."""
+
+    def config(self) -> dict[str, Any]:
+        """Settings recorded in checkpoint metadata."""
+        return {}
+
+    def parameters(self, model: Classifier) -> list[torch.nn.Parameter]:
+        """Parameters the optimiser updates (default: all of the model's)."""
+        return list(model.parameters())
+
+
+def augment(x: Tensor, generator: torch.Generator, shift: int = 2) -> Tensor:
+    """Random horizontal flips and translations of up to ``shift`` pixels (zero padding), per sample."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
+    padded = F.pad(x, (shift, shift, shift, shift))
+    dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator).tolist()
+    dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+
+
+def shuffled_batches(data: ImageSet, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches in a random order drawn from ``generator`` (in-memory sets are sliced directly)."""
+    ds = data.dataset
+    if isinstance(ds, ArrayDataset):
+        order = torch.randperm(len(ds), generator=generator)
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            yield ds.images[idx].float().div_(255), ds.labels[idx]
+    else:
+        yield from DataLoader(ds, batch_size=batch_size, shuffle=True, generator=generator, num_workers=2)
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: Classifier, data: ImageSet, batch_size: int = 512, device: torch.device | None = None) -> float:
+    """Top-1 accuracy on a labelled set, in eval mode."""
+    device = device or default_device()
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in batches(data, batch_size):
+        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+        total += len(y)
+    model.train(was)
+    return correct / max(total, 1)
+
+
+EpochHook = Callable[[Classifier, int], dict[str, Any]]
+
+
+def _meta(base: dict[str, Any], cfg: TrainConfig, objective: Objective, epoch: int, row: dict[str, Any]) -> dict[str, Any]:
+    return {**base, "epoch": epoch, "objective": objective.name, "objective_config": objective.config(),
+            "train_config": asdict(cfg), "metrics": row}
+
+
+def train(model: Classifier, train_set: ImageSet, objective: Objective, cfg: TrainConfig, run_dir: str | Path,
+          model_meta: dict[str, Any], test_set: ImageSet | None = None, hooks: list[EpochHook] | None = None,
+          device: torch.device | str | None = None) -> Path:
+    """Train ``model`` in place for ``cfg.epochs`` epochs, resuming in ``run_dir`` if it has a state.
+
+    ``model_meta`` must name the architecture (``arch``, ``num_classes``, ``in_channels``) so the
+    checkpoints can be rebuilt. ``hooks`` run after each epoch; their dicts join the history row.
+    Returns the path of the final checkpoint (``run_dir/last.safetensors``).
+    """
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device) if device is not None else default_device()
+    seed_everything(cfg.seed)
+    model.to(device)
+    params = objective.parameters(model)
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                                     weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+             if cfg.schedule == "cosine" else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+    start = _resume(run, model, opt, sched, cfg, objective)
+    for epoch in range(start + 1, cfg.epochs + 1):
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        objective.start_epoch(model, epoch, device)
+        model.train()
+        t0, seen, loss_sum, correct, logs = time.time(), 0, 0.0, 0, {}
+        bar = progress(shuffled_batches(train_set, cfg.batch_size, gen), total=steps_per_epoch,
+                       desc=f"epoch {epoch}/{cfg.epochs}", unit="batch")
+        for x, y in bar:
+            if cfg.augment:
+                x = augment(x, gen)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss, logs = objective.loss(model, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(y)
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int(logs.pop("correct", 0))
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        row: dict[str, Any] = {"epoch": epoch, "loss": loss_sum / seen, "train_acc": correct / seen,
+                               "seconds": round(time.time() - t0, 2), **logs}
+        if test_set is not None:
+            row["test_acc"] = evaluate_accuracy(model, test_set, cfg.eval_batch_size, device)
+        for hook in hooks or []:
+            row.update(hook(model, epoch))
+        model.train()
+        _save_epoch(run, model, opt, sched, epoch, _meta(model_meta, cfg, objective, epoch, row), row)
+    return run / "last.safetensors"
+
+
+def _save_epoch(run: Path, model: Classifier, opt, sched, epoch: int, meta: dict[str, Any], row: dict[str, Any]) -> None:
+    ckpt = save_checkpoint(model, run / f"epoch-{epoch:03d}", meta)
+    for suffix in (".safetensors", ".json"):
+        shutil.copyfile(ckpt.with_suffix(suffix), (run / "last").with_suffix(suffix))
+    state = {"epoch": torch.tensor(epoch), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "config": json.dumps(meta["train_config"], sort_keys=True), "objective": meta["objective"]}
+    torch.save(state, run / "train_state.tmp")
+    (run / "train_state.tmp").replace(run / "train_state.pt")
+    with open(run / "history.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _resume(run: Path, model: Classifier, opt, sched, cfg: TrainConfig, objective: Objective) -> int:
+    """Restore the newest finished epoch from ``run``; returns it (0 = fresh start)."""
+    path = run / "train_state.pt"
+    if not path.exists():
+        (run / "history.jsonl").unlink(missing_ok=True)
+        return 0
+    from safetensors.torch import load_file
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    cfg_now = json.dumps(asdict(cfg), sort_keys=True)
+    if state["config"] != cfg_now or state["objective"] != objective.name:
+        raise ValueError(f"{run} holds a run with other settings; use a new --out folder "
+                         "(or delete it) instead of resuming it")
+    epoch = int(state["epoch"])
+    model.load_state_dict(load_file(str(run / f"epoch-{epoch:03d}.safetensors")))
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    lines = (run / "history.jsonl").read_text().splitlines() if (run / "history.jsonl").exists() else []
+    (run / "history.jsonl").write_text("".join(line + "\n" for line in lines[:epoch]))
+    return epoch

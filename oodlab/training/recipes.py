@@ -1,0 +1,70 @@
+"""Ready-made training runs: the default model of a suite and ``oodlab train`` as a library call."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.suites import Suite, load_suite
+from ..models.zoo import build, load_checkpoint
+from ..runtime import cache_dir
+from .loop import TrainConfig, train
+
+__all__ = ["DEFAULT_ARCH", "default_config", "default_checkpoint", "train_on_suite"]
+
+DEFAULT_ARCH = {"fashionmnist": "smallcnn", "fashionmnist-split": "smallcnn", "cifar10": "resnet18-cifar",
+                "cifar100": "resnet18-cifar"}
+
+
+def default_config(suite: str, **overrides: Any) -> TrainConfig:
+    """The default recipe: 8 epochs of SGD (lr 0.05, cosine) for 28x28 suites, 100 epochs (lr 0.1) for CIFAR."""
+    base: dict[str, Any] = {"epochs": 8, "lr": 0.05} if suite.startswith("fashionmnist") else {"epochs": 100, "lr": 0.1}
+    return TrainConfig(**{**base, **overrides})
+
+
+def train_on_suite(suite: str | Suite, out_dir: str | Path, method: str = "erm", arch: str | None = None,
+                   config: TrainConfig | None = None, init_from: str | Path | None = None,
+                   method_options: dict[str, Any] | None = None, hooks=None, data_root: str | Path | None = None,
+                   device: str | torch.device | None = None, verbose: bool = True) -> Path:
+    """Train (or fine-tune ``init_from``) a classifier on the suite's ID training set with ``method``.
+
+    Returns the final checkpoint path. Re-running with the same ``out_dir`` resumes.
+    """
+    from . import OBJECTIVES
+
+    suite_obj = suite if isinstance(suite, Suite) else load_suite(suite, data_root)
+    if method not in OBJECTIVES:
+        raise ValueError(f"unknown training method {method!r}; available: {', '.join(sorted(OBJECTIVES))}")
+    if init_from is not None:
+        model, meta = load_checkpoint(init_from)
+        if model.num_classes != suite_obj.num_classes:
+            raise ValueError(f"{init_from} has {model.num_classes} classes; suite {suite_obj.name} has {suite_obj.num_classes}")
+        arch = meta["arch"]
+    else:
+        arch = arch or DEFAULT_ARCH.get(suite_obj.name, "smallcnn")
+        model = build(arch, suite_obj.num_classes, suite_obj.input_shape[0])
+    cfg = config or default_config(suite_obj.name)
+    objective = OBJECTIVES[method](model=model, suite=suite_obj, config=cfg, **(method_options or {}))
+    meta_out = {"arch": arch, "num_classes": suite_obj.num_classes, "in_channels": suite_obj.input_shape[0],
+                "suite": suite_obj.name, "method": method, "init_from": str(init_from) if init_from else None}
+    t0 = time.perf_counter()
+    ckpt = train(model, suite_obj.id_train, objective, cfg, out_dir, meta_out, test_set=suite_obj.id_test,
+                 hooks=hooks, device=device)
+    if verbose:
+        print(f"trained {arch} with {method} on {suite_obj.name} in {time.perf_counter() - t0:.0f} s -> {ckpt}")
+    return ckpt
+
+
+def default_checkpoint(suite: Suite, device: str | torch.device | None = None, verbose: bool = True) -> Path:
+    """oodlab's default model for ``suite`` (cached under the oodlab cache); trained on first use."""
+    run = cache_dir() / "models" / f"{suite.name}-{DEFAULT_ARCH.get(suite.name, 'smallcnn')}-seed0"
+    ckpt = run / "last.safetensors"
+    cfg = default_config(suite.name)
+    if ckpt.exists() and (run / f"epoch-{cfg.epochs:03d}.safetensors").exists():
+        return ckpt
+    if verbose:
+        print(f"No default model for {suite.name} yet: training one into {run} (resumable)...")
+    return train_on_suite(suite, run, config=cfg, device=device, verbose=verbose)
