@@ -1,0 +1,45 @@
+"""A tiny classifier and its features on random 8x8 images, shared by the detector tests."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from oodlab.data.base import ArrayDataset, ImageSet, tensor_fingerprint
+from oodlab.features import Features, extract
+from oodlab.models.adapter import Classifier
+
+
+@dataclass
+class Tiny:
+    model: Classifier
+    train: Features
+    test: Features
+    ood: Features
+    test_set: ImageSet
+    ood_set: ImageSet
+
+
+def image_set(name: str, n: int, seed: int, num_classes: int | None = 3, bright: bool = False) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 128, (n, 1, 8, 8), generator=g, dtype=torch.uint8) + (127 if bright else 0)
+    labels = torch.arange(n) % num_classes if num_classes else None
+    return ImageSet(name, ArrayDataset(images, labels), tensor_fingerprint(images), num_classes)
+
+
+def tiny_classifier(seed: int = 0) -> Classifier:
+    """Conv -> 4x4 map (the feature map), then flatten + linear + ReLU -> z (16-d), head -> 3 classes."""
+    torch.manual_seed(seed)
+    body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2))
+    pool = nn.Sequential(nn.Flatten(1), nn.Linear(8 * 4 * 4, 16), nn.ReLU())
+    return Classifier(body, pool, nn.Linear(16, 3), mean=(0.5,), std=(0.25,)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Tiny:
+    model = tiny_classifier()
+    train_set, test_set = image_set("train", 300, 1), image_set("test", 60, 2)
+    ood_set = image_set("ood", 40, 3, num_classes=None, bright=True)
+    get = lambda s: extract(model, s, batch_size=64, device="cpu")  # noqa: E731
+    return Tiny(model, get(train_set), get(test_set), get(ood_set), test_set, ood_set)

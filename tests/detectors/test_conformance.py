@@ -1,0 +1,57 @@
+"""One contract check run over every registered detector (like scikit-learn's check_estimator)."""
+
+import pytest
+import torch
+
+from oodlab.detectors import REGISTRY, NotFittedError, available, create, load_detector, score_with_model
+
+
+def scores(det, feats, data, model):
+    if det.needs == "model":
+        return score_with_model(det, model, data, batch_size=16, device="cpu")
+    return det.score(feats)
+
+
+@pytest.mark.parametrize("name", available())
+def test_detector_contract(name, tiny, tmp_path):
+    det = create(name)
+    assert det.name == name and not det.fitted
+    with pytest.raises(NotFittedError):
+        scores(det, tiny.test, tiny.test_set, tiny.model)
+
+    assert tiny.ood.labels is None  # fitting sees ID training features only; OOD sets are unlabelled
+    assert det.fit(tiny.train, tiny.model.head) is det
+
+    s_id = scores(det, tiny.test, tiny.test_set, tiny.model)
+    s_ood = scores(det, tiny.ood, tiny.ood_set, tiny.model)
+    for s, n in ((s_id, len(tiny.test)), (s_ood, len(tiny.ood))):
+        assert s.dtype == torch.float64 and s.shape == (n,)
+        assert torch.isfinite(s).all()
+    assert s_id.std() > 0  # a score that is constant over samples says nothing
+    assert torch.equal(scores(det, tiny.test, tiny.test_set, tiny.model), s_id)  # deterministic
+
+    logits = det.logits(tiny.test)
+    assert logits.shape == tiny.test.logits.shape and torch.isfinite(logits).all()
+
+    path = det.save(tmp_path / name)
+    again = load_detector(path)
+    assert type(again) is type(det) and again.config() == det.config()
+    assert torch.equal(scores(again, tiny.ood, tiny.ood_set, tiny.model), s_ood)
+
+
+@pytest.mark.parametrize("name", [n for n in available() if REGISTRY[n].needs == "features"])
+def test_wrong_feature_width_is_refused(name, tiny):
+    det = create(name).fit(tiny.train, tiny.model.head)
+    narrow = type(tiny.test)(tiny.test.z[:, :-1], tiny.test.logits)
+    with pytest.raises(ValueError, match="fitted on"):
+        det.score(narrow)
+
+
+def test_paper_defaults():
+    defaults = {"ash-p": {"percentile": 60.0, "feature_map": False}, "ash-b": {"percentile": 65.0, "feature_map": False},
+                "ash-s": {"percentile": 90.0, "feature_map": False}, "dice": {"p": 90.0},
+                "dice-react": {"p": 90.0, "react_percentile": 90.0}, "react": {"percentile": 90.0, "threshold": None},
+                "odin": {"temperature": 1000.0, "eps": 0.0014}, "mahalanobis": {}, "knn": {"k": 50, "fraction": 1.0},
+                "vim": {"dim": None}}
+    for name, config in defaults.items():
+        assert create(name).config() == config, name
