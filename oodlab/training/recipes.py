@@ -10,7 +10,7 @@ import torch
 
 from ..data.suites import Suite, load_suite
 from ..models.zoo import build, load_checkpoint
-from ..runtime import cache_dir
+from ..runtime import cache_dir, seed_everything
 from .loop import TrainConfig, train
 
 __all__ = ["DEFAULT_ARCH", "default_config", "default_checkpoint", "train_on_suite"]
@@ -36,6 +36,8 @@ def train_on_suite(suite: str | Suite, out_dir: str | Path, method: str = "erm",
     from . import OBJECTIVES
 
     suite_obj = suite if isinstance(suite, Suite) else load_suite(suite, data_root)
+    cfg = config or default_config(suite_obj.name)
+    seed_everything(cfg.seed)  # before building, so the initial weights follow the seed too
     if method not in OBJECTIVES:
         raise ValueError(f"unknown training method {method!r}; available: {', '.join(sorted(OBJECTIVES))}")
     if init_from is not None:
@@ -46,7 +48,6 @@ def train_on_suite(suite: str | Suite, out_dir: str | Path, method: str = "erm",
     else:
         arch = arch or DEFAULT_ARCH.get(suite_obj.name, "smallcnn")
         model = build(arch, suite_obj.num_classes, suite_obj.input_shape[0])
-    cfg = config or default_config(suite_obj.name)
     objective = OBJECTIVES[method](model=model, suite=suite_obj, config=cfg, **(method_options or {}))
     meta_out = {"arch": arch, "num_classes": suite_obj.num_classes, "in_channels": suite_obj.input_shape[0],
                 "suite": suite_obj.name, "method": method, "init_from": str(init_from) if init_from else None}

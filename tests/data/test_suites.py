@@ -1,0 +1,31 @@
+"""Named suites: composition, near/far grouping and the class split."""
+
+import pytest
+import torch
+
+from oodlab.data import DataMissingError, SUITES, load_suite
+
+
+def test_registry_names():
+    assert {"fashionmnist", "fashionmnist-split", "cifar10", "cifar100"} <= set(SUITES)
+    with pytest.raises(ValueError, match="available"):
+        load_suite("nope")
+
+
+def test_fashionmnist_suites():
+    s = load_suite("fashionmnist")
+    assert (len(s.id_train), len(s.id_test), s.num_classes) == (60000, 10000, 10)
+    assert set(s.ood) == {"digits", "glyphs", "gaussian", "uniform"} == set(s.groups["far"])
+    split = load_suite("fashionmnist-split")
+    assert split.num_classes == 6 and split.groups["near"] == ["fashionmnist-6to9"]
+    assert int(split.id_train.dataset.labels.max()) == 5 and len(split.id_train) == 36000
+    assert len(split.ood["fashionmnist-6to9"]) == 4000 and split.group_of("digits") == "far"
+    # near-OOD images are exactly the test images of classes 6-9
+    test = s.id_test.dataset
+    assert torch.equal(split.ood["fashionmnist-6to9"].dataset.images, test.images[test.labels >= 6])
+
+
+def test_cifar_suite_names_missing_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr("oodlab.data.sources.torchvision_sets.load", lambda *a, **k: None)
+    with pytest.raises(DataMissingError, match="tin"):
+        load_suite("cifar10", data_root=tmp_path)
