@@ -43,3 +43,9 @@ def tiny() -> Tiny:
     ood_set = image_set("ood", 40, 3, num_classes=None, bright=True)
     get = lambda s: extract(model, s, batch_size=64, device="cpu")  # noqa: E731
     return Tiny(model, get(train_set), get(test_set), get(ood_set), test_set, ood_set)
+
+
+@pytest.fixture(scope="session")
+def make_images():
+    """``make_images(name, n, seed, num_classes=3, bright=False)``: a random 1x8x8 ImageSet."""
+    return image_set

@@ -1,0 +1,64 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from oodlab.detectors import create
+from oodlab.detectors import knn as knn_module
+from oodlab.features import Features
+
+# normalised, the bank is the four unit vectors +-e1, +-e2
+BANK = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0], [0.0, -0.5]])
+QUERY = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+
+
+def feats(z):
+    return Features(z, torch.zeros(len(z), 3))
+
+
+def fitted(k, **kw):
+    return create("knn", k=k, **kw).fit(feats(BANK), nn.Linear(2, 3))
+
+
+@pytest.mark.parametrize("k, distance", [(1, 0.0), (2, math.sqrt(2)), (3, math.sqrt(2)), (4, 2.0)])
+def test_score_is_minus_the_kth_neighbour_distance(k, distance):
+    s = fitted(k).score(feats(QUERY))
+    assert s[0].item() == pytest.approx(-distance, abs=1e-6)
+    assert s[1].item() == pytest.approx(-1.0, abs=1e-6)  # a zero vector stays at the origin: distance 1 to all
+
+
+def test_matches_brute_force_on_random_features():
+    g = torch.Generator().manual_seed(0)
+    bank, query = torch.rand(200, 8, generator=g), torch.rand(30, 8, generator=g)
+    det = create("knn", k=7).fit(feats(bank), nn.Linear(8, 3))
+    nb, nq = bank / bank.norm(dim=1, keepdim=True), query / query.norm(dim=1, keepdim=True)
+    expected = -torch.cdist(nq.double(), nb.double()).sort(dim=1).values[:, 6]
+    assert torch.allclose(det.score(feats(query)), expected, atol=1e-5)
+
+
+def test_k_larger_than_the_bank_is_refused():
+    with pytest.raises(ValueError, match="at least 5"):
+        fitted(5)
+
+
+def test_fraction_keeps_a_seeded_subset():
+    det = create("knn", k=1, fraction=0.5).fit(feats(torch.rand(10, 3)), nn.Linear(3, 3))
+    assert det.state["bank"].shape == (5, 3)
+
+
+def test_missing_neighbours_fail_loudly(monkeypatch):
+    class LossyIndex:
+        def __init__(self, d):
+            self.ntotal = 0
+
+        def add(self, x):
+            self.ntotal = len(x)
+
+        def search(self, q, k):  # what an IVF index with a small nprobe returns
+            return np.full((len(q), k), 3.4e38, dtype=np.float32), np.full((len(q), k), -1, dtype=np.int64)
+
+    monkeypatch.setattr(knn_module.faiss, "IndexFlatL2", LossyIndex)
+    with pytest.raises(RuntimeError, match="id -1"):
+        fitted(2).score(feats(QUERY))

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.covariance import EmpiricalCovariance
+from torch import nn
+
+from oodlab.detectors import create
+from oodlab.detectors import mahalanobis as maha_module
+from oodlab.detectors.mahalanobis import class_statistics
+from oodlab.features import Features
+
+A, B_ = 1.0, 2.0
+CROSS = torch.tensor([[A, 0.0], [-A, 0.0], [0.0, B_], [0.0, -B_]])
+MU = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+# each class: its mean +- a*e1, +- b*e2  ->  shared covariance diag(a^2 / 2, b^2 / 2)
+TRAIN_Z = torch.cat([MU[0] + CROSS, MU[1] + CROSS])
+TRAIN_Y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+
+
+def feats(z, y=None):
+    return Features(z, torch.zeros(len(z), 2), y)
+
+
+def fitted(z=TRAIN_Z, y=TRAIN_Y):
+    return create("mahalanobis").fit(feats(z, y), nn.Linear(z.shape[1], 2))
+
+
+def test_closed_form_two_classes():
+    det = fitted()
+    assert torch.allclose(det.state["means"], MU.double())
+    assert torch.allclose(det.state["precision"], torch.diag(torch.tensor([2 / A**2, 2 / B_**2], dtype=torch.float64)))
+    q = torch.tensor([[1.0, 1.0], [9.0, -2.0], [5.0, 0.0]])
+    # d_c = 2 (x - mu_c)_1^2 / a^2 + 2 (x - mu_c)_2^2 / b^2, score = -min_c d_c
+    expected = torch.tensor([-(2 * 1 + 2 * 1 / 4), -(2 * 1 + 2 * 4 / 4), -(2 * 25)], dtype=torch.float64)
+    assert torch.allclose(det.score(feats(q)), expected, rtol=1e-12)
+
+
+def test_dead_unit_is_ignored_not_amplified():
+    """A unit never active on ID train makes the covariance singular; the pseudo-inverse drops it."""
+    dead = torch.cat([TRAIN_Z, torch.zeros(8, 1)], 1)
+    det = fitted(dead)
+    q = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 7.0], [9.0, -2.0, 1e-3]])
+    s = det.score(feats(q))
+    assert torch.isfinite(s).all()
+    assert torch.allclose(s, fitted().score(feats(q[:, :2])), rtol=1e-12)
+    assert torch.allclose(det.state["precision"][2], torch.zeros(3, dtype=torch.float64))
+
+
+def test_precision_matches_sklearn_on_class_centred_features(monkeypatch):
+    monkeypatch.setattr(maha_module, "CHUNK", 50)  # several chunks of running sums
+    g = torch.Generator().manual_seed(0)
+    z = torch.rand(333, 6, generator=g)
+    z[:, 4] = 0  # a dead unit too
+    y = torch.arange(333) % 3
+    means, cov = class_statistics(z, y, 3)
+    zd = z.double().numpy()
+    centred = zd - means.numpy()[y.numpy()]
+    ref = EmpiricalCovariance(assume_centered=True).fit(centred)
+    assert np.allclose(means.numpy(), [zd[y.numpy() == c].mean(0) for c in range(3)], rtol=1e-12)
+    assert np.allclose(cov.numpy(), ref.covariance_, atol=1e-12)
+    det = create("mahalanobis").fit(Features(z, torch.zeros(333, 3), y), nn.Linear(6, 3))
+    assert np.allclose(det.state["precision"].numpy(), ref.precision_, rtol=1e-8, atol=1e-8)
+
+
+def test_needs_labels_and_every_class():
+    with pytest.raises(ValueError, match="labels"):
+        create("mahalanobis").fit(feats(TRAIN_Z), nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"classes \[2\]"):
+        create("mahalanobis").fit(feats(TRAIN_Z, TRAIN_Y), nn.Linear(2, 3))
