@@ -7,7 +7,6 @@ import ast
 import json
 import shlex
 import sys
-from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -94,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="regenerate reports from saved runs (no model needed)")
     r.add_argument("runs", nargs="+", help="results folders of `oodlab bench`")
-    r.add_argument("--out", help="where to write a side-by-side report of several runs")
+    r.add_argument("--out", help="folder for a report of all the runs side by side (report.html + figures/)")
 
     sub.add_parser("list", help="list suites, detectors, training methods and architectures")
     return ap
@@ -164,13 +163,15 @@ def _score(a: argparse.Namespace) -> None:
 
 
 def _report(a: argparse.Namespace) -> None:
+    from .bench.html import load_run, write_report
     from .bench.report import write_tables
-    from .bench.runner import load_rows
 
-    for run in map(Path, a.runs):
-        info = json.loads((run / "results.json").read_text()) if (run / "results.json").exists() else {}
-        write_tables(run, load_rows(run), info.get("settings", {}))
-        print(f"regenerated {run}/results.md")
+    for path in a.runs:
+        run = load_run(path)
+        write_tables(run.path, run.rows, run.settings)
+        print(f"regenerated {run.path}/results.md and {write_report([run.path])}")
+    if a.out:
+        print(f"side-by-side report: {write_report(a.runs, a.out)}")
 
 
 def _list(_: argparse.Namespace) -> None:

@@ -14,6 +14,7 @@ from ..detectors.base import Detector, available, create
 from ..features import FeatureCache
 from ..models.zoo import checkpoint_fingerprint, load_checkpoint
 from ..training.recipes import default_checkpoint
+from .html import write_report
 from .report import format_summary, write_tables
 from .runner import BenchContext, run_detectors
 
@@ -77,7 +78,8 @@ def run_bench(suite: str | Suite = "fashionmnist", detectors: str | list[str] | 
         "seconds": round(time.perf_counter() - t0, 2), "feature_cache": str(ctx.cache.root),
     }
     write_tables(out, rows, settings)
+    report = write_report([out])
     if verbose:
         print(format_summary(rows))
-        print(f"\nResults in {out}/ (results.md, results.csv, results.json)")
+        print(f"\nResults in {out}/ (results.md, results.csv, results.json, figures/); report: {report}")
     return rows

@@ -1,0 +1,161 @@
+import base64
+import io
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from oodlab.bench import load_scores, run_bench
+from oodlab.bench.html import load_run, write_report
+from oodlab.cli import main
+from oodlab.data.base import ArrayDataset, ImageSet, tensor_fingerprint
+from oodlab.data.suites import Suite
+from oodlab.metrics import evaluate
+from oodlab.models.zoo import save_checkpoint, small_cnn
+
+DETECTORS = ["msp", "maxlogit", "energy"]
+
+
+def _images(name: str, n: int, scale: int, labels: bool = True) -> ImageSet:
+    g = torch.Generator().manual_seed(len(name) * 1000 + n)
+    x = (torch.rand(n, 1, 28, 28, generator=g) * scale).to(torch.uint8)
+    y = torch.randint(0, 3, (n,), generator=g) if labels else None
+    return ImageSet(name, ArrayDataset(x, y), tensor_fingerprint(x, name), 3 if labels else None)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path]:
+    """Two tiny runs of the same suite with two differently initialised models (think ERM vs GReg)."""
+    root = tmp_path_factory.mktemp("runs")
+    oods = {"bright": _images("bright", 40, 255, False), "dark": _images("dark", 30, 40, False)}
+    suite = Suite("tiny", _images("train", 48, 160), _images("test", 50, 160), oods,
+                  {"near": ["dark"], "far": ["bright"]}, 3, (1, 28, 28))
+    out = []
+    for seed, name in ((0, "erm"), (1, "greg")):
+        torch.manual_seed(seed)
+        ckpt = save_checkpoint(small_cnn(3), root / f"{name}.safetensors", {"arch": "smallcnn", "num_classes": 3, "in_channels": 1})
+        run_bench(suite, DETECTORS, checkpoint=ckpt, out_dir=root / name, verbose=False)
+        out.append(root / name)
+    return out[0], out[1]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.suffix in (".md", ".csv", ".json", ".html", ".png")}
+
+
+def _page(path: Path) -> ET.Element:
+    return ET.fromstring(path.read_text(encoding="utf-8"))  # strict XML: unbalanced tags fail here
+
+
+def _results_table(page: ET.Element) -> list[list[ET.Element]]:
+    table = page.findall(".//table")[1]
+    return [list(tr) for tr in table.findall("tr")[2:]]
+
+
+def test_bench_writes_report_with_a_row_and_figure_per_detector(runs):
+    run = runs[0]
+    page = _page(run / "report.html")
+    body = _results_table(page)
+    assert [cells[0].text for cells in body] == DETECTORS
+    assert len(page.findall(".//figure[@class='detector']")) == len(DETECTORS)
+    assert len(page.findall(".//figure[@class='heatmap']")) == 1
+    rows = load_run(run).rows
+    energy_bright = next(r for r in rows if r["detector"] == "energy" and r["ood"] == "bright")
+    assert body[2][1].text == f"{100 * energy_bright['auroc']:.2f}"
+    assert body[2][2].text == f"{100 * energy_bright['fpr95']:.2f}"
+
+
+def test_report_is_self_contained(runs):
+    text = (runs[0] / "report.html").read_text(encoding="utf-8")
+    page = ET.fromstring(text)
+    assert page.findall(".//script") == [] and page.findall(".//link") == []
+    links = [el.get(attr) for el in page.iter() for attr in ("src", "href") if el.get(attr) is not None]
+    assert len(links) == 1 + len(DETECTORS)
+    for src in links:
+        assert src.startswith("data:image/png;base64,") and "http" not in src.lower()
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
+            assert im.format == "PNG"
+    assert "http" not in text and "url(" not in text and "@import" not in text
+
+
+def test_best_value_per_column_is_highlighted(runs):
+    body = _results_table(_page(runs[0] / "report.html"))
+    values = np.array([[float(c.text) for c in cells[1:]] for cells in body])
+    best = [[c.get("class") == "best" for c in cells[1:]] for cells in body]
+    lower_is_better = [1, 3, 5]  # FPR95 of each OOD set, then the mean FPR95
+    for j in range(values.shape[1]):
+        target = values[:, j].min() if j in lower_is_better else values[:, j].max()
+        assert [b[j] for b in best] == list(values[:, j] == target)
+
+
+def test_pngs_open_with_expected_size(runs):
+    run = runs[0]
+    pngs = sorted((run / "figures").glob("*.png"))
+    assert len(pngs) == len(DETECTORS) + 1
+    for png in pngs:
+        with Image.open(png) as im:
+            expected = (660, 300) if png.name == "auroc-heatmap.png" else (1200, 480)  # 3 detectors x (2 OOD + mean)
+            assert im.format == "PNG" and im.size == expected
+
+
+def test_saved_scores_reproduce_the_table(runs):
+    run = runs[0]
+    for row in load_run(run).rows:
+        scores = load_scores(run, row["key"])
+        assert evaluate(scores["id"], scores[row["ood"]]) == {m: row[m] for m in ("auroc", "fpr95", "aupr_in", "aupr_out")}
+
+
+def test_report_command_regenerates_byte_identical_files(runs, capsys):
+    run = runs[0]
+    before = _snapshot(run)
+    assert {"results.md", "results.csv", "results.json", "report.html", "figures/auroc-heatmap.png"} <= set(before)
+    for path in ("report.html", "figures/auroc-heatmap.png", "results.md"):
+        (run / path).unlink()
+    assert main(["report", str(run)]) == 0
+    assert _snapshot(run) == before
+    assert "report.html" in capsys.readouterr().out
+
+
+def test_side_by_side_report(runs, tmp_path):
+    out = tmp_path / "erm-vs-greg"
+    assert main(["report", *map(str, runs), "--out", str(out)]) == 0
+    page = _page(out / "report.html")
+    body = _results_table(page)
+    assert [(c[0].text, c[1].text) for c in body] == [(d, r) for d in DETECTORS for r in ("erm", "greg")]
+    greg_msp = next(r for r in load_run(runs[1]).rows if r["detector"] == "msp" and r["ood"] == "dark")
+    assert body[1][4].text == f"{100 * greg_msp['auroc']:.2f}"
+    assert len(page.findall(".//figure[@class='detector']")) == 2 * len(DETECTORS)
+    settings = page.findall(".//table")[0]
+    assert [th.text for th in settings.find("tr")] == ["setting", "erm", "greg"]
+    assert sorted(p.name for p in (out / "figures" / "run2").glob("*.png")) == sorted(
+        f"{r['key']}.png" for r in load_run(runs[1]).rows if r["ood"] == "dark")
+    with Image.open(out / "figures" / "auroc-heatmap.png") as im:
+        assert im.size == (660, 430)  # 6 rows x 3 columns
+    first = _snapshot(out)
+    write_report(list(runs), out)
+    assert _snapshot(out) == first
+
+
+def test_report_refuses_what_it_cannot_compare(runs, tmp_path):
+    with pytest.raises(ValueError, match="--out"):
+        write_report(list(runs))
+    other = tmp_path / "other"
+    shutil.copytree(runs[1], other)
+    info = json.loads((other / "results.json").read_text())
+    info["settings"]["suite"] = "cifar10"
+    (other / "results.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="same suite"):
+        write_report([runs[0], other], tmp_path / "cmp")
+    (other / "results.json").unlink()
+    next((other / "scores").glob("energy-*.npz")).unlink()
+    with pytest.raises(FileNotFoundError, match="energy-.*npz is missing"):
+        write_report([other])
+    with pytest.raises(FileNotFoundError, match="no results"):
+        load_run(tmp_path / "empty")
+    assert main(["report", str(tmp_path / "empty")]) == 2
