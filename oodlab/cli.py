@@ -109,12 +109,12 @@ def _train(a: argparse.Namespace) -> None:
         overrides["augment"] = False
     options = _pairs(a.option, "--option")
     options.update({k: v for k, v in {"aux": a.aux, "constraint": a.constraint}.items() if v is not None})
+    out = a.out or f"runs/train-{a.suite}-{a.method}-seed{a.seed}"
     hooks = None
     if a.track_ood:
         from .training.tracking import track_ood_hook
 
-        hooks = [track_ood_hook(a.suite, a.data_root, a.device)]
-    out = a.out or f"runs/train-{a.suite}-{a.method}-seed{a.seed}"
+        hooks = [track_ood_hook(a.suite, a.data_root, a.device, run_dir=out)]
     train_on_suite(a.suite, out, method=a.method, arch=a.arch, config=default_config(a.suite, **overrides),
                    init_from=a.init_from, method_options=options, hooks=hooks, data_root=a.data_root, device=a.device)
 
@@ -123,7 +123,7 @@ def _bench(a: argparse.Namespace) -> None:
     from .bench import run_bench
 
     run_bench(a.suite, a.detectors, a.checkpoint, a.out, _detector_params(a.param), a.data_root, a.batch_size,
-              a.device, command=shlex.join(["oodlab", *sys.argv[1:]]))
+              a.device, command=shlex.join(["oodlab", *a.argv]))
 
 
 def _fit(a: argparse.Namespace) -> None:
@@ -190,7 +190,9 @@ def _list(_: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv
     handlers = {"train": _train, "bench": _bench, "fit": _fit, "score": _score, "report": _report, "list": _list}
     try:
         handlers[args.cmd](args)

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from helpers import make_tiny_suite
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -18,30 +19,6 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-def make_tiny_suite(n_train: int = 96, n_test: int = 48, seed: int = 0):
-    """A 3-class 28x28 suite: class c is a bright square in corner c on faint noise; OOD = noise and stripes."""
-    from oodlab.data.base import ArrayDataset, ImageSet, tensor_fingerprint
-    from oodlab.data.suites import Suite
-
-    g = torch.Generator().manual_seed(seed)
-
-    def id_set(n: int, name: str) -> ImageSet:
-        labels = torch.arange(n) % 3
-        x = torch.randint(0, 40, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
-        for i, c in enumerate(labels.tolist()):
-            r, q = divmod(c, 2)
-            x[i, 0, r * 14 + 2 : r * 14 + 12, q * 14 + 2 : q * 14 + 12] = 230
-        return ImageSet(name, ArrayDataset(x, labels), tensor_fingerprint(x, labels), 3)
-
-    noise = torch.randint(0, 256, (40, 1, 28, 28), generator=g, dtype=torch.uint8)
-    stripes = torch.zeros(30, 1, 28, 28, dtype=torch.uint8)
-    stripes[:, :, ::3] = 200
-    ood = {"noise": ImageSet("noise", ArrayDataset(noise), tensor_fingerprint(noise)),
-           "stripes": ImageSet("stripes", ArrayDataset(stripes), tensor_fingerprint(stripes))}
-    return Suite("tiny", id_set(n_train, "tiny-train"), id_set(n_test, "tiny-test"), ood,
-                 {"near": ["stripes"], "far": ["noise"]}, 3, (1, 28, 28))
 
 
 @pytest.fixture

@@ -1,0 +1,89 @@
+"""The benchmark runner: one extraction per data set, rows per OOD set, resume without recomputation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from oodlab.bench import BenchContext, load_rows, load_scores, run_bench, run_detectors
+from oodlab.detectors import create
+from oodlab.features import FeatureCache
+from oodlab.metrics import auroc
+from oodlab.models import build, save_checkpoint
+from oodlab.training import OBJECTIVES, TrainConfig, train
+from helpers import make_tiny_suite
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    suite = make_tiny_suite()
+    torch.manual_seed(0)
+    model = build("smallcnn", 3, 1)
+    run = tmp_path_factory.mktemp("run")
+    ckpt = train(model, suite.id_train, OBJECTIVES["erm"](), TrainConfig(epochs=2, batch_size=16, augment=False),
+                 run, {"arch": "smallcnn", "num_classes": 3, "in_channels": 1}, device="cpu")
+    return suite, model.eval(), ckpt
+
+
+def test_sweep_extracts_each_set_once(trained, tmp_path):
+    suite, model, _ = trained
+    cache = FeatureCache(tmp_path / "cache")
+    ctx = BenchContext(suite, model, "m", tmp_path / "out", cache, batch_size=32, device="cpu")
+    dets = [create("msp"), create("energy"), create("maxlogit")]
+    rows = run_detectors(ctx, dets)
+    assert cache.extractions == 4  # train, test, two OOD sets: once each for three detectors
+    assert len(rows) == 3 * 2 and {r["ood"] for r in rows} == {"noise", "stripes"}
+    assert {r["group"] for r in rows if r["ood"] == "stripes"} == {"near"}
+    s = load_scores(tmp_path / "out", rows[0]["key"])
+    assert set(s) == {"id", "noise", "stripes"} and len(s["id"]) == len(suite.id_test)
+    row = next(r for r in rows if r["ood"] == "noise" and r["detector"] == rows[0]["detector"])
+    assert row["auroc"] == pytest.approx(auroc(s["id"], s["noise"]))
+    assert 0.9 <= rows[0]["id_acc"] <= 1.0
+
+
+def test_resume_skips_finished_detectors(trained, tmp_path):
+    suite, model, _ = trained
+    out = tmp_path / "out"
+    ctx = BenchContext(suite, model, "m", out, FeatureCache(tmp_path / "c"), device="cpu")
+    run_detectors(ctx, [create("msp")])
+    before = (out / "results.jsonl").read_text()
+    cache2 = FeatureCache(tmp_path / "c2")  # an empty cache: any extraction would show
+    rows = run_detectors(BenchContext(suite, model, "m", out, cache2, device="cpu"), [create("msp"), create("energy")])
+    assert (out / "results.jsonl").read_text().startswith(before)
+    assert len(rows) == 4 and cache2.extractions == 4  # only energy needed features
+    again = run_detectors(BenchContext(suite, model, "m", out, FeatureCache(tmp_path / "c3"), device="cpu"),
+                          [create("msp"), create("energy")])
+    assert again == rows
+
+
+def test_truncated_jsonl_line_is_ignored(tmp_path):
+    (tmp_path / "results.jsonl").write_text(json.dumps({"key": "a"}) + "\n" + '{"key": "b", "aur')
+    assert load_rows(tmp_path) == [{"key": "a"}]
+
+
+def test_run_bench_writes_tables(trained, tmp_path):
+    suite, _, ckpt = trained
+    rows = run_bench(suite, "msp,energy", ckpt, tmp_path / "res", params={"energy": {"temperature": 2.0}},
+                     device="cpu", verbose=False)
+    res = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert res["settings"]["detectors"]["energy"] == {"temperature": 2.0}
+    assert res["settings"]["data"]["noise"] == suite.ood["noise"].fingerprint
+    assert len(res["rows"]) == len(rows) == 4
+    csv = (tmp_path / "res" / "results.csv").read_text().splitlines()
+    assert len(csv) == 5 and csv[0].startswith("detector,key,ood")
+    md = (tmp_path / "res" / "results.md").read_text()
+    assert "| msp |" in md and "| energy |" in md
+    with pytest.raises(ValueError, match="unknown detector"):
+        run_bench(suite, "nope", ckpt, tmp_path / "x", device="cpu", verbose=False)
+    with pytest.raises(ValueError, match="not in the run"):
+        run_bench(suite, "msp", ckpt, tmp_path / "x", params={"energy": {"temperature": 2.0}}, device="cpu",
+                  verbose=False)
+
+
+def test_checkpoint_class_mismatch(trained, tmp_path):
+    suite, _, _ = trained
+    other = save_checkpoint(build("smallcnn", 5, 1), tmp_path / "five", {"arch": "smallcnn", "num_classes": 5,
+                                                                         "in_channels": 1})
+    with pytest.raises(ValueError, match="5 classes"):
+        run_bench(suite, "msp", other, tmp_path / "x", device="cpu", verbose=False)

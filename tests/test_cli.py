@@ -1,0 +1,64 @@
+"""The command line: each subcommand end to end on a tiny registered suite."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from helpers import make_tiny_suite
+from oodlab.cli import main
+from oodlab.data import suites
+from oodlab.detectors import available
+
+
+@pytest.fixture
+def tiny_registered(monkeypatch):
+    monkeypatch.setitem(suites.SUITES, "tiny", lambda data_root=None: make_tiny_suite())
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "fashionmnist-split" in out and all(name in out for name in available()) and "erm" in out
+
+
+def test_train_bench_fit_score(tiny_registered, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--suite", "tiny", "--epochs", "2", "--batch-size", "16", "--no-augment",
+                 "--out", str(run), "--device", "cpu"]) == 0
+    ckpt = run / "last.safetensors"
+    assert ckpt.exists() and json.loads((run / "last.json").read_text())["epoch"] == 2
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--suite", "tiny", "--checkpoint", str(ckpt), "--detectors", "msp,energy",
+                 "--param", "energy.temperature=2", "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "msp" in printed and "energy" in printed and "ID acc" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["command"].startswith("oodlab bench --suite tiny")
+    assert res["settings"]["detectors"]["energy"]["temperature"] == 2
+
+    det = tmp_path / "det"
+    assert main(["fit", "energy", "--suite", "tiny", "--checkpoint", str(ckpt), "--out", str(det), "--device", "cpu"]) == 0
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        Image.new("L", (28, 28), 60 * i).save(imgs / f"{i}.png")
+    scores = tmp_path / "scores.csv"
+    assert main(["score", str(det) + ".safetensors", str(imgs), "--checkpoint", str(ckpt), "--out", str(scores),
+                 "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(scores.open()))
+    assert [r["file"].rsplit("/", 1)[-1] for r in rows] == ["0.png", "1.png", "2.png"]
+    assert all(torch.isfinite(torch.tensor(float(r["score"]))) for r in rows)
+
+
+def test_errors_are_messages_not_tracebacks(tiny_registered, tmp_path, capsys):
+    assert main(["bench", "--suite", "nope"]) == 2
+    assert "unknown suite" in capsys.readouterr().err
+    assert main(["bench", "--suite", "tiny", "--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--param", "novalue"])
