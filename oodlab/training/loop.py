@@ -76,6 +76,16 @@ class Objective(ABC):
         """Parameters the optimiser updates (default: all of the model's)."""
         return list(model.parameters())
 
+    def begin(self, model: Classifier, run_dir: Path) -> None:
+        """Called once per run, before resuming, with the model on its device (e.g. to write reports)."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Learned tensors that live outside the model (saved with the training state for resuming)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
 
 def augment(x: Tensor, generator: torch.Generator, shift: int = 2) -> Tensor:
     """Random horizontal flips and translations of up to ``shift`` pixels (zero padding), per sample."""
@@ -136,6 +146,7 @@ def train(model: Classifier, train_set: ImageSet, objective: Objective, cfg: Tra
     device = torch.device(device) if device is not None else default_device()
     seed_everything(cfg.seed)
     model.to(device)
+    objective.begin(model, run)
     params = objective.parameters(model)
     if cfg.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
@@ -174,16 +185,19 @@ def train(model: Classifier, train_set: ImageSet, objective: Objective, cfg: Tra
         for hook in hooks or []:
             row.update(hook(model, epoch))
         model.train()
-        _save_epoch(run, model, opt, sched, epoch, _meta(model_meta, cfg, objective, epoch, row), row)
+        _save_epoch(run, model, opt, sched, epoch, _meta(model_meta, cfg, objective, epoch, row), row,
+                    objective.state_dict())
     return run / "last.safetensors"
 
 
-def _save_epoch(run: Path, model: Classifier, opt, sched, epoch: int, meta: dict[str, Any], row: dict[str, Any]) -> None:
+def _save_epoch(run: Path, model: Classifier, opt, sched, epoch: int, meta: dict[str, Any], row: dict[str, Any],
+                objective_state: dict[str, Tensor]) -> None:
     ckpt = save_checkpoint(model, run / f"epoch-{epoch:03d}", meta)
     for suffix in (".safetensors", ".json"):
         shutil.copyfile(ckpt.with_suffix(suffix), (run / "last").with_suffix(suffix))
     state = {"epoch": torch.tensor(epoch), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "config": json.dumps(meta["train_config"], sort_keys=True), "objective": meta["objective"]}
+             "config": json.dumps(meta["train_config"], sort_keys=True), "objective": meta["objective"],
+             "objective_state": objective_state}
     torch.save(state, run / "train_state.tmp")
     (run / "train_state.tmp").replace(run / "train_state.pt")
     with open(run / "history.jsonl", "a") as f:
@@ -205,6 +219,7 @@ def _resume(run: Path, model: Classifier, opt, sched, cfg: TrainConfig, objectiv
                          "(or delete it) instead of resuming it")
     epoch = int(state["epoch"])
     model.load_state_dict(load_file(str(run / f"epoch-{epoch:03d}.safetensors")))
+    objective.load_state_dict(state.get("objective_state", {}))
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     lines = (run / "history.jsonl").read_text().splitlines() if (run / "history.jsonl").exists() else []

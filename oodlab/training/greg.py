@@ -1,0 +1,233 @@
+"""GReg and GReg+ (Sharifi et al., ECCV 2024, "Gradient-Regularized Out-of-Distribution Detection").
+
+``L = CE + lambda_s * L_S + lambda_grad * L_gradS``: L_S is the Energy-OE hinge loss; L_gradS is the
+input-gradient norm of the energy, counted only for samples already detected correctly (ID with
+E < m_in, outliers with E > m_out), through double back-propagation. GReg+ adds energy-based
+sampling of the outliers (:func:`energy_based_sampling`).
+
+Details follow the official code (o4lc/Greg-OOD, ``train_sea.py``):
+- the penalised function is ``sum_i w_i E(x_i)`` with ``w_i = 1/n_group`` for correctly detected
+  samples and 0 otherwise (the gradient of its hinge form), and L_gradS is the batch mean of the
+  per-sample L2 norms of its input gradient;
+- that gradient is taken w.r.t. the network's *normalised* input, as in the official CIFAR code:
+  oodlab models normalise inside, so the pixel-space gradient is scaled by the per-channel std;
+- GReg draws as many outliers as ID images; GReg+ draws a pool of ``pool_factor * B`` candidates
+  (384 at B = 64 on CIFAR), clusters them into K = B clusters, and trains on the union of the
+  per-cluster lowest- and highest-energy members, topped up at random to 2K. Both groups enter
+  both terms, as in the official code: the hinge acts only on outliers with E < m_out (the
+  low-energy picks) and the gradient term only on those with E > m_out (the high-energy picks).
+Deviation: the official code also counts the small gradient that reaches a not-yet-detected
+sample through batch-norm statistics; here those samples contribute exactly zero, as the paper
+defines L_gradS.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..data.auxiliary import aux_source
+from ..data.base import ImageSet
+from ..data.suites import Suite
+from ..models.adapter import Classifier
+from . import register_objective
+from .loop import TrainConfig
+from .outlier_exposure import AuxObjective, default_margins, energy_hinge_loss
+
+__all__ = ["energy_gradient_norms", "energy_based_sampling", "GReg", "GRegPlus"]
+
+
+def energy_gradient_norms(x: Tensor, energies: Tensor, is_outlier: Tensor, m_in: float, m_out: float,
+                          input_std: Tensor | None = None, create_graph: bool = True) -> Tensor:
+    """Per-sample ``||d h / d x_i||`` with ``h = sum_i w_i E_i``, zero for samples not detected correctly.
+
+    ``energies`` (N,) must be computed from ``x`` (N, ...) in the current graph; ``w_i`` is
+    ``1/n_in`` for ID samples with ``E < m_in``, ``1/n_out`` for outliers with ``E > m_out``, else 0.
+    ``input_std`` (broadcastable to x) turns the gradient w.r.t. x into one w.r.t. ``(x - mean) / std``.
+    With ``create_graph`` the result can be back-propagated (double back-propagation).
+    """
+    if energies.shape != (x.shape[0],) or is_outlier.shape != energies.shape:
+        raise ValueError(f"energies and is_outlier must have shape ({x.shape[0]},), got "
+                         f"{tuple(energies.shape)} and {tuple(is_outlier.shape)}")
+    detected = torch.where(is_outlier, energies > m_out, energies < m_in).detach()
+    group_size = torch.where(is_outlier, is_outlier.sum(), (~is_outlier).sum()).clamp(min=1)
+    weight = detected.to(energies.dtype) / group_size
+    (grad,) = torch.autograd.grad((weight * energies).sum(), x, create_graph=create_graph)
+    if input_std is not None:
+        grad = grad * input_std
+    return grad.flatten(1).norm(dim=1) * detected
+
+
+def energy_based_sampling(features: Tensor, energies: Tensor, k: int, seed: int = 0,
+                          n_init: int = 3) -> tuple[Tensor, Tensor]:
+    """GReg+ sampling: k-means (faiss) on L2-normalised ``features``, then per cluster the members
+    with the lowest and the highest energy. Returns two (k,) index tensors ``(lowest, highest)``.
+
+    Should k-means leave a cluster empty (fewer than k distinct points), its slot is filled with a
+    random candidate not yet chosen, so both results always hold exactly k indices.
+    """
+    import faiss
+
+    n = features.shape[0]
+    if not 1 <= k <= n or energies.shape != (n,):
+        raise ValueError(f"need 1 <= k <= number of candidates ({n}) and one energy per candidate; got k={k}, "
+                         f"energies {tuple(energies.shape)}")
+    if not (torch.isfinite(features).all() and torch.isfinite(energies).all()):
+        raise ValueError("non-finite features or energies: training diverged; lower --lr, or pick margins "
+                         "m_in/m_out near the model's energies (see default_margins)")
+    z = np.ascontiguousarray(F.normalize(features.detach().float().cpu(), dim=1).numpy())
+    kmeans = faiss.Kmeans(z.shape[1], k, niter=20, nredo=n_init, seed=seed, min_points_per_centroid=1,
+                          max_points_per_centroid=max(256, n), verbose=False)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # a few hundred points: one thread is ~100x faster than 2 on a busy CPU
+    try:
+        kmeans.train(z)
+        labels = torch.from_numpy(kmeans.index.search(z, 1)[1][:, 0].astype(np.int64))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    e = energies.detach().cpu()
+    low, high = [], []
+    for c in range(k):
+        members = torch.nonzero(labels == c).flatten()
+        if len(members):
+            low.append(int(members[e[members].argmin()]))
+            high.append(int(members[e[members].argmax()]))
+    if len(low) < k:
+        taken = set(low) | set(high)
+        rest = [i for i in torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist() if i not in taken]
+        missing = k - len(low)
+        low += rest[:missing]
+        high += rest[missing : 2 * missing]
+    return torch.tensor(low), torch.tensor(high)
+
+
+class GReg(AuxObjective):
+    """``CE + lambda_s * energy hinge + lambda_grad * mean gradient norm`` (defaults 0.1 and 1)."""
+
+    name = "greg"
+
+    def __init__(self, aux: ImageSet, config: TrainConfig, m_in: float, m_out: float, lambda_s: float = 0.1,
+                 lambda_grad: float = 1.0, aux_ratio: float = 1.0) -> None:
+        if lambda_s < 0 or lambda_grad < 0 or m_in >= m_out:
+            raise ValueError(f"need lambda_s, lambda_grad >= 0 and m_in < m_out; got lambda_s={lambda_s}, "
+                             f"lambda_grad={lambda_grad}, m_in={m_in}, m_out={m_out}")
+        if aux_ratio <= 0:
+            raise ValueError(f"aux_ratio (outliers per ID image in a step) must be > 0, got {aux_ratio}")
+        super().__init__(aux, config, max(1, round(aux_ratio * config.batch_size)))
+        self.m_in, self.m_out, self.lambda_s, self.lambda_grad = m_in, m_out, lambda_s, lambda_grad
+
+    def draw_outliers(self, model: Classifier, device: torch.device) -> Tensor:
+        """The outlier batch of this step (GReg: a random one)."""
+        return self.outliers.next()
+
+    def loss(self, model: Classifier, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        x_out = self.draw_outliers(model, x.device).to(x.device, non_blocking=True)
+        inputs = torch.cat([x, x_out]).detach().requires_grad_(True)
+        logits = model(inputs)
+        logits_in, logits_out = logits[: len(x)], logits[len(x) :]
+        is_outlier = torch.arange(len(inputs), device=x.device) >= len(x)
+        norms = energy_gradient_norms(inputs, -torch.logsumexp(logits, dim=1), is_outlier, self.m_in, self.m_out,
+                                      model.std)
+        loss = (F.cross_entropy(logits_in, y) + self.lambda_s * energy_hinge_loss(logits_in, logits_out, self.m_in, self.m_out)
+                + self.lambda_grad * norms.mean())
+        return loss, {"correct": float((logits_in.argmax(1) == y).sum())}
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "m_in": self.m_in, "m_out": self.m_out, "lambda_s": self.lambda_s,
+                "lambda_grad": self.lambda_grad}
+
+
+@torch.no_grad()
+def _score_pool(model: Classifier, images: Tensor, device: torch.device, chunk: int = 512) -> tuple[Tensor, Tensor]:
+    """Features and energies of ``images`` in eval mode (as the official code scores its candidates)."""
+    was = model.training
+    model.eval()
+    zs, es = [], []
+    for i in range(0, len(images), chunk):
+        z = model.features(images[i : i + chunk].to(device))
+        zs.append(z.float().cpu())
+        es.append(-torch.logsumexp(model.head(z).float(), dim=1).cpu())
+    model.train(was)
+    return torch.cat(zs), torch.cat(es)
+
+
+class GRegPlus(GReg):
+    """GReg with energy-based sampling of the outliers, re-done every iteration as in the official code.
+
+    ``refresh="epoch"`` is a cheaper variant: features and energies of ``epoch_pool`` auxiliary
+    images (default: all) are computed once at the start of each epoch and each iteration clusters
+    a random pool of them with those (up to one epoch stale) values.
+    """
+
+    name = "greg+"
+
+    def __init__(self, aux: ImageSet, config: TrainConfig, m_in: float, m_out: float, lambda_s: float = 0.1,
+                 lambda_grad: float = 1.0, pool_factor: float = 6.0, clusters: int | None = None,
+                 n_init: int = 3, refresh: str = "iteration", epoch_pool: int | None = None) -> None:
+        self.clusters = clusters or config.batch_size
+        pool = round(pool_factor * config.batch_size)
+        if (refresh not in ("iteration", "epoch") or not 1 <= self.clusters <= pool // 2 or n_init < 1
+                or (epoch_pool is not None and epoch_pool < pool)):
+            raise ValueError(f"need refresh 'iteration' or 'epoch', 1 <= clusters <= pool/2 and epoch_pool >= pool "
+                             f"(pool = pool_factor * batch size = {pool}) and n_init >= 1; got refresh={refresh!r}, "
+                             f"clusters={self.clusters}, epoch_pool={epoch_pool}, n_init={n_init}")
+        super().__init__(aux, config, m_in, m_out, lambda_s, lambda_grad, aux_ratio=pool_factor)
+        self.pool_factor, self.n_init, self.refresh, self.epoch_pool = pool_factor, n_init, refresh, epoch_pool
+        self._epoch_index = self._epoch_z = self._epoch_e = None
+
+    def start_epoch(self, model: Classifier, epoch: int, device: torch.device) -> None:
+        super().start_epoch(model, epoch, device)
+        if self.refresh == "epoch":
+            n = min(self.epoch_pool or len(self.aux), len(self.aux))
+            self._epoch_index = torch.randperm(len(self.aux), generator=self.outliers.generator)[:n]
+            parts = [_score_pool(model, self.outliers.take(self._epoch_index[i : i + 4096]), device)
+                     for i in range(0, n, 4096)]
+            self._epoch_z, self._epoch_e = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def draw_outliers(self, model: Classifier, device: torch.device) -> Tensor:
+        gen = self.outliers.generator
+        if self.refresh == "iteration":
+            pool = self.outliers.next()
+            z, e = _score_pool(model, pool, device)
+        else:
+            pick = torch.randperm(len(self._epoch_index), generator=gen)[: self.outliers.batch_size]
+            pool = self.outliers.augmented(self.outliers.take(self._epoch_index[pick]))
+            z, e = self._epoch_z[pick], self._epoch_e[pick]
+        low, high = energy_based_sampling(z, e, self.clusters, int(torch.randint(2**31 - 1, (1,), generator=gen)),
+                                          self.n_init)
+        chosen = torch.unique(torch.cat([low, high]))
+        if len(chosen) < 2 * self.clusters:  # a cluster with one member gave one sample: top up at random
+            others = torch.ones(len(pool), dtype=torch.bool)
+            others[chosen] = False
+            extra = torch.nonzero(others).flatten()
+            extra = extra[torch.randperm(len(extra), generator=gen)[: 2 * self.clusters - len(chosen)]]
+            chosen = torch.cat([chosen, extra])
+        return pool[chosen]
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "pool_factor": self.pool_factor, "clusters": self.clusters, "n_init": self.n_init,
+                "refresh": self.refresh, "epoch_pool": self.epoch_pool}
+
+
+@register_objective("greg")
+def _greg(*, model: Classifier, suite: Suite, config: TrainConfig, aux: str | ImageSet | None = None,
+          lambda_s: float = 0.1, lambda_grad: float = 1.0, m_in: float | None = None, m_out: float | None = None,
+          aux_ratio: float = 1.0) -> GReg:
+    d_in, d_out = default_margins(suite)
+    return GReg(aux_source(aux, suite), config, d_in if m_in is None else m_in, d_out if m_out is None else m_out,
+                lambda_s, lambda_grad, aux_ratio)
+
+
+@register_objective("greg+")
+def _greg_plus(*, model: Classifier, suite: Suite, config: TrainConfig, aux: str | ImageSet | None = None,
+               lambda_s: float = 0.1, lambda_grad: float = 1.0, m_in: float | None = None,
+               m_out: float | None = None, pool_factor: float = 6.0, clusters: int | None = None, n_init: int = 3,
+               refresh: str = "iteration", epoch_pool: int | None = None) -> GRegPlus:
+    d_in, d_out = default_margins(suite)
+    return GRegPlus(aux_source(aux, suite), config, d_in if m_in is None else m_in,
+                    d_out if m_out is None else m_out, lambda_s, lambda_grad, pool_factor, clusters, n_init,
+                    refresh, epoch_pool)
