@@ -11,8 +11,18 @@ from .base import Detector, energy, register
 __all__ = ["MSP", "MaxLogit", "Energy"]
 
 
+class _Tempered(Detector):
+    """A logit score with a softmax temperature (must be > 0)."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+
 @register
-class MSP(Detector):
+class MSP(_Tempered):
     """Maximum softmax probability (Hendrycks & Gimpel 2017).
 
     Computed in float64: in float32 the softmax of a confident sample rounds to exactly 1.0, and
@@ -20,12 +30,6 @@ class MSP(Detector):
     """
 
     name = "msp"
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
 
     def _score(self, feats: Features) -> Tensor:
         return torch.softmax(feats.logits.double() / self.temperature, dim=1).max(dim=1).values
@@ -42,16 +46,10 @@ class MaxLogit(Detector):
 
 
 @register
-class Energy(Detector):
+class Energy(_Tempered):
     """Negative free energy ``T logsumexp(f(z)/T)`` with T = 1 (Liu et al. 2020)."""
 
     name = "energy"
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
 
     def _score(self, feats: Features) -> Tensor:
         return energy(feats.logits, self.temperature)
