@@ -32,7 +32,7 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _label(s: dict[str, Any], keys: list[str]) -> str:
     """Detector name, with its key when the same detector appears with several settings."""
-    return s["key"] if sum(k.startswith(s["detector"] + "-") for k in keys) > 1 else s["detector"]
+    return s["key"] if sum(k.rsplit("-", 1)[0] == s["detector"] for k in keys) > 1 else s["detector"]
 
 
 def _grid(header: list[str], body: list[list[str]]) -> str:

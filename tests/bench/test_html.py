@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from oodlab.bench import load_scores, run_bench
-from oodlab.bench.html import load_run, write_report
+from oodlab.bench.html import Run, _entries, load_run, write_report
 from oodlab.cli import main
 from oodlab.data.base import ArrayDataset, ImageSet, tensor_fingerprint
 from oodlab.data.suites import Suite
@@ -159,3 +159,11 @@ def test_report_refuses_what_it_cannot_compare(runs, tmp_path):
     with pytest.raises(FileNotFoundError, match="no results"):
         load_run(tmp_path / "empty")
     assert main(["report", str(tmp_path / "empty")]) == 2
+
+
+def test_labels_name_a_detector_by_key_only_when_it_has_several_settings():
+    base = {"params": {}, "id_acc": 0.9, "ood": "x", "group": "far", "auroc": 0.5, "fpr95": 1.0, "aupr_in": 0.5, "aupr_out": 0.5}
+    keys = [("dice", "dice-11111111"), ("dice-react", "dice-react-22222222"), ("energy", "energy-33333333"),
+            ("energy", "energy-44444444")]
+    run = Run(Path("r"), "r", {}, [{**base, "detector": d, "key": k} for d, k in keys])
+    assert [label for _, _, label in _entries([run])] == ["dice", "dice-react", "energy-33333333", "energy-44444444"]
