@@ -112,9 +112,10 @@ def detector_figure(scores: dict[str, np.ndarray], title: str, id_name: str = "I
     return fig
 
 
-def heatmap_size(n_rows: int, n_cols: int) -> tuple[float, float]:
-    """Inches of the AUROC heat-map for ``n_rows`` detectors and ``n_cols`` columns (OOD sets + mean)."""
-    return (max(6.0, 3.6 + 1.0 * n_cols), max(3.0, 1.6 + 0.45 * n_rows))
+def heatmap_size(n_rows: int, n_cols: int, label_chars: int = 12) -> tuple[float, float]:
+    """Inches of the AUROC heat-map for ``n_rows`` detectors and ``n_cols`` columns (OOD sets + mean),
+    widened for row labels longer than 12 characters so the grid keeps its room."""
+    return (max(6.0, 2.7 + 0.075 * max(label_chars, 12) + 1.0 * n_cols), max(3.0, 1.6 + 0.45 * n_rows))
 
 
 def auroc_heatmap(row_labels: list[str], col_labels: list[str], values: np.ndarray, title: str) -> Figure:
@@ -127,7 +128,7 @@ def auroc_heatmap(row_labels: list[str], col_labels: list[str], values: np.ndarr
         raise ValueError(f"values must be ({len(row_labels)}, {len(col_labels)}) AUROCs in %, got {values.shape}")
     vmin = min(50.0, math.floor(np.nanmin(values)))
     with _style():
-        fig = Figure(figsize=heatmap_size(*values.shape), dpi=DPI, layout="constrained")
+        fig = Figure(figsize=heatmap_size(*values.shape, max(map(len, row_labels))), dpi=DPI, layout="constrained")
         ax = fig.subplots()
         im = ax.imshow(values, cmap="viridis", vmin=vmin, vmax=100.0, aspect="auto")
         best = np.nanmax(values, axis=0).round(1)

@@ -61,11 +61,12 @@ def test_detector_figure_needs_id_and_ood():
         detector_figure({"id": np.zeros(3)}, "x")
 
 
-@pytest.mark.parametrize(("rows", "cols", "size"), [(3, 4, (760, 300)), (10, 5, (860, 610)), (1, 1, (600, 300))])
-def test_heatmap_size(rows, cols, size):
+@pytest.mark.parametrize(("rows", "cols", "name", "size"), [(3, 4, "d", (760, 300)), (10, 5, "d", (860, 610)),
+                                                       (1, 1, "d", (600, 300)), (2, 3, "x" * 39, (870, 300))])
+def test_heatmap_size(rows, cols, name, size):
     values = np.linspace(40, 100, rows * cols).reshape(rows, cols)
-    _, im = _png(auroc_heatmap([f"d{i}" for i in range(rows)], [f"o{j}" for j in range(cols)], values, "t"))
-    assert im.size == size == tuple(round(100 * x) for x in heatmap_size(rows, cols))
+    _, im = _png(auroc_heatmap([f"{name}{i}" for i in range(rows)], [f"o{j}" for j in range(cols)], values, "t"))
+    assert im.size == size == tuple(round(100 * x) for x in heatmap_size(rows, cols, len(name) + 1))
 
 
 def test_heatmap_writes_values_and_bolds_column_best():

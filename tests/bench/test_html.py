@@ -136,7 +136,7 @@ def test_side_by_side_report(runs, tmp_path):
     assert sorted(p.name for p in (out / "figures" / "run2").glob("*.png")) == sorted(
         f"{r['key']}.png" for r in load_run(runs[1]).rows if r["ood"] == "dark")
     with Image.open(out / "figures" / "auroc-heatmap.png") as im:
-        assert im.size == (660, 430)  # 6 rows x 3 columns
+        assert im.size == (682, 430)  # 6 rows x 3 columns, widened for "maxlogit · greg"
     first = _snapshot(out)
     write_report(list(runs), out)
     assert _snapshot(out) == first
