@@ -77,11 +77,12 @@ def ood_metrics(model: Classifier, val: Suite, batch_size: int = 512,
     return out
 
 
-def best_epoch(rows: list[dict[str, Any]], key: str = "energy_auroc") -> int:
-    """The epoch with the highest ``key`` (the earliest one on ties)."""
-    scored = [r for r in rows if key in r]
+def best_epoch(rows: list[dict[str, Any]], key: str = "energy_auroc", min_acc: float | None = None) -> int:
+    """The epoch with the highest ``key`` (the earliest one on ties), among those with ``val_acc >= min_acc``."""
+    scored = [r for r in rows if key in r and (min_acc is None or r["val_acc"] >= min_acc)]
     if not scored:
-        raise ValueError(f"no row has {key!r}: train with --track-ood to record it")
+        raise ValueError(f"no row has {key!r}" + (f" with val_acc >= {min_acc}" if min_acc is not None else "")
+                         + ": train with --track-ood to record it")
     return max(scored, key=lambda r: (r[key], -r["epoch"]))["epoch"]
 
 

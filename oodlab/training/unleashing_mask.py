@@ -1,12 +1,12 @@
 """Unleashing Mask (Zhu et al., ICML 2023): give a well-trained model back the better OOD detection
 of an intermediate training stage by making it forget the atypical ID samples it memorised last.
 
-1. **Loss constraint** :func:`estimate_constraint`: with the model in eval mode, zero a random
-   ``1 - keep`` (3.5%) of every conv/linear layer's weights and take the mean cross-entropy over the
-   (augmented) ID training set. The samples whose loss rises most under that mask are the memorised,
-   atypical ones (:func:`write_atypical_report`). This is what the official code does at HEAD; the
-   issue's KL-matched *learned* mask over the most typical samples existed only as dead code in
-   early commits and is not implemented.
+1. **Loss constraint** (:func:`estimate_constraint`): with the model in eval mode, zero a random
+   3.5% of every conv/linear layer's weights and take the mean cross-entropy over the (augmented)
+   ID training set, as the official code does at HEAD. The issue's KL-matched *learned* mask over
+   the most typical samples existed only as dead code in early commits and is not implemented.
+   The samples whose loss rises most under the mask, relative to their class, are reported as the
+   memorised atypical ones (:func:`write_atypical_report`; the class centring is ours).
 2. **UM** (``um``): fine-tune every weight with the flooded loss ``|CE - c| + c`` (:func:`flooded`),
    so the training loss cannot go below ``c``; below it the gradient pushes the loss back up.
 3. **UMAP** (``umap``): freeze the weights and learn edge-popup masks (keep 0.8 of every conv/linear
@@ -19,7 +19,6 @@ Official settings: 100 epochs, SGD lr 0.1 cosine, weight decay 1e-4, batch 256 (
 Flooding is applied to the batch-mean CE, as in the official code. Unlike the official README's
 command (whose config makes ``--UM`` a no-op), ours always floods; a test pins that.
 """
-
 from __future__ import annotations
 
 import json
@@ -79,11 +78,22 @@ class ConstraintEstimate:
     constraint: float  # mean CE of the randomly masked model: the flooding level
     full_loss: float  # mean CE of the unmasked model on the same inputs
     loss_rise: Tensor  # (N,) masked CE - full CE per training sample, in data-set order
+    labels: Tensor  # (N,) their labels
     keep: float
 
+    def atypicality(self) -> Tensor:
+        """Each sample's loss rise minus the mean rise of its class.
+
+        One random mask shifts whole classes (it may hit one class's head row), so raw rises would
+        list mostly one class; centring per class keeps the samples that are fragile for their class.
+        """
+        sums = torch.zeros(int(self.labels.max()) + 1, dtype=torch.float64).index_add_(0, self.labels, self.loss_rise.double())
+        counts = torch.bincount(self.labels, minlength=len(sums)).clamp(min=1)
+        return self.loss_rise.double() - (sums / counts)[self.labels]
+
     def atypical(self, k: int) -> Tensor:
-        """Indices of the ``k`` samples whose loss rises most under the mask (most atypical first)."""
-        return torch.topk(self.loss_rise, min(k, len(self.loss_rise))).indices
+        """Indices of the ``k`` most atypical samples (largest :meth:`atypicality` first)."""
+        return torch.topk(self.atypicality(), min(k, len(self.loss_rise))).indices
 
 
 @torch.no_grad()
@@ -102,9 +112,10 @@ def estimate_constraint(model: Classifier, data: ImageSet, keep: float = ESTIMAT
               for name, w in maskable_weights(model).items()}
     was_training = model.training
     model.eval()
-    full_sum, masked_sum, rises = 0.0, 0.0, []
+    full_sum, masked_sum, rises, labels = 0.0, 0.0, [], []
     try:
         for x, y in batches(data, batch_size):
+            labels.append(y.long())
             if augmented:
                 x = augment(x, gen)
             x, y = x.to(device), y.to(device)
@@ -116,11 +127,12 @@ def estimate_constraint(model: Classifier, data: ImageSet, keep: float = ESTIMAT
     finally:
         model.train(was_training)
     n = max(len(data), 1)
-    return ConstraintEstimate(masked_sum / n, full_sum / n, torch.cat(rises), keep)
+    return ConstraintEstimate(masked_sum / n, full_sum / n, torch.cat(rises), torch.cat(labels), keep)
 
 
 def write_atypical_report(estimate: ConstraintEstimate, data: ImageSet, out_dir: str | Path, k: int = 64) -> Path:
-    """Write ``atypical.json`` (constraint, indices, labels, loss rises) and ``atypical.png`` (a grid of the top ``k``)."""
+    """Write ``atypical.json`` (constraint, the ``k`` most atypical samples' indices, labels, loss rises) and
+    ``atypical.png`` (a grid of them)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,7 +146,8 @@ def write_atypical_report(estimate: ConstraintEstimate, data: ImageSet, out_dir:
     (out / "atypical.json").write_text(json.dumps({
         "constraint": estimate.constraint, "full_loss": estimate.full_loss, "keep": estimate.keep,
         "data": data.name, "indices": idx, "labels": [int(y) for _, y in items],
-        "loss_rise": [round(float(estimate.loss_rise[i]), 5) for i in idx]}, indent=1))
+        "loss_rise": [round(float(estimate.loss_rise[i]), 5) for i in idx],
+        "atypicality": [round(float(a), 5) for a in estimate.atypicality()[idx]]}, indent=1))
     cols, pad = 8, 2
     h, w = items[0][0].shape[-2:]
     grid = make_grid(torch.stack([img for img, _ in items]), nrow=cols, padding=pad, pad_value=1.0)
@@ -144,8 +157,8 @@ def write_atypical_report(estimate: ConstraintEstimate, data: ImageSet, out_dir:
     for n, (i, (_, label)) in enumerate(zip(idx, items)):
         r, c = divmod(n, cols)
         ax.text(pad + c * (w + pad), pad + r * (h + pad), f"#{i} y={int(label)}", fontsize=5, color="yellow", va="top")
-    ax.set_title(f"{data.name}: the {len(items)} samples whose CE rises most under a random "
-                 f"{100 * (1 - estimate.keep):.1f}% weight mask", fontsize=8)
+    ax.set_title(f"{data.name}: the {len(items)} samples whose CE rises most (relative to their class) under a "
+                 f"random {100 * (1 - estimate.keep):.1f}% weight mask", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "atypical.png", dpi=110)
     plt.close(fig)
@@ -261,17 +274,21 @@ class UnleashingMaskPruning(UnleashingMask):
     classifiers that load with ``load_checkpoint``. The scores and the unmasked weights live here.
     BatchNorm is not masked; its affine parameters stay frozen and its running statistics follow the
     masked network, as in the official code (which uses non-affine BatchNorm).
-    Scores start as the official code's: Kaiming-uniform noise, so the first mask is random.
+    ``score_init="kaiming"`` starts the scores as the official code does, from Kaiming-uniform noise,
+    so the first mask is a random 80%; ``"magnitude"`` (ours) starts from ``|weight|``, so the first
+    mask is magnitude pruning and short runs start from a working network.
     """
 
     name = "umap"
 
     def __init__(self, train_set: ImageSet, base: Objective, constraint: float | None = None, keep: float = UMAP_KEEP,
-                 estimate_keep: float = ESTIMATE_KEEP, augmented: bool = True, seed: int = 0,
-                 batch_size: int = 512) -> None:
+                 score_init: str = "kaiming", estimate_keep: float = ESTIMATE_KEEP, augmented: bool = True,
+                 seed: int = 0, batch_size: int = 512) -> None:
         super().__init__(train_set, base, constraint, estimate_keep, augmented, seed, batch_size)
         _check_keep(keep, "keep")
-        self.keep = keep
+        if score_init not in ("kaiming", "magnitude"):
+            raise ValueError(f"score_init must be 'kaiming' (official) or 'magnitude', got {score_init!r}")
+        self.keep, self.score_init = keep, score_init
         self.weights: dict[str, Tensor] = {}
         self.scores: dict[str, nn.Parameter] = {}
 
@@ -281,9 +298,12 @@ class UnleashingMaskPruning(UnleashingMask):
         for p in model.parameters():
             p.requires_grad_(False)
         for name, w in maskable_weights(model).items():
-            bound = 1.0 / math.sqrt(w[0].numel())  # kaiming_uniform_(a=sqrt(5)), as the official SubnetConv
             self.weights[name] = w.detach().clone()
-            self.scores[name] = nn.Parameter(((torch.rand(w.shape, generator=gen) * 2 - 1) * bound).to(w.device))
+            if self.score_init == "magnitude":
+                scores = w.detach().abs().clone()
+            else:  # kaiming_uniform_(a=sqrt(5)) as the official SubnetConv: U(-b, b), b = 1/sqrt(fan_in)
+                scores = ((torch.rand(w.shape, generator=gen) * 2 - 1) / math.sqrt(w[0].numel())).to(w.device)
+            self.scores[name] = nn.Parameter(scores)
         self._step = _Step(model, self.flooded_loss)
         self._apply_masks(model, self.masks())
 
@@ -310,7 +330,7 @@ class UnleashingMaskPruning(UnleashingMask):
         return functional_call(self._step, masked, (x, y))
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "keep": self.keep}
+        return {**super().config(), "keep": self.keep, "score_init": self.score_init}
 
     def state_dict(self) -> dict[str, Tensor]:
         return {**super().state_dict(), **{f"scores/{n}": s.detach() for n, s in self.scores.items()}}
@@ -326,7 +346,7 @@ def _setup(model: Classifier, suite: Suite, config: TrainConfig, options: dict[s
     """Split ``options`` into ours and the base objective's, and build the base objective."""
     from . import OBJECTIVES
 
-    ours = {k: options.pop(k) for k in ("constraint", "estimate_keep", "keep") if k in options}
+    ours = {k: options.pop(k) for k in ("constraint", "estimate_keep", "keep", "score_init") if k in options}
     base = options.pop("base", "erm")
     if base not in OBJECTIVES:
         raise ValueError(f"unknown base objective {base!r} for Unleashing Mask; use one of "
@@ -337,8 +357,8 @@ def _setup(model: Classifier, suite: Suite, config: TrainConfig, options: dict[s
 
 @register_objective("um")
 def _um(*, model: Classifier, suite: Suite, config: TrainConfig, **options: Any) -> UnleashingMask:
-    if "keep" in options:
-        raise ValueError("'keep' is UMAP's mask fraction; UM fine-tunes every weight (see `--method umap`)")
+    if "keep" in options or "score_init" in options:
+        raise ValueError("'keep' and 'score_init' set UMAP's mask; UM fine-tunes every weight (see `--method umap`)")
     return UnleashingMask(suite.id_train, **_setup(model, suite, config, options))
 
 

@@ -74,7 +74,8 @@ def test_ood_metrics_match_sklearn(tiny_suite):
 def test_best_epoch():
     rows = [{"epoch": 1, "energy_auroc": 0.8}, {"epoch": 2, "energy_auroc": 0.9}, {"epoch": 3, "energy_auroc": 0.9},
             {"epoch": 4}]
-    assert best_epoch(rows) == 2
+    rows[1]["val_acc"], rows[2]["val_acc"], rows[0]["val_acc"] = 0.7, 0.8, 0.9
+    assert best_epoch(rows) == 2 and best_epoch(rows, min_acc=0.75) == 3 and best_epoch(rows, min_acc=0.85) == 1
     with pytest.raises(ValueError, match="track-ood"):
         best_epoch([{"epoch": 1}])
 

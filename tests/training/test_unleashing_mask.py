@@ -15,8 +15,8 @@ from oodlab.models.adapter import Classifier
 from oodlab.training import OBJECTIVES, TrainConfig, train
 from oodlab.training.erm import CrossEntropy
 from oodlab.training.loop import Objective
-from oodlab.training.unleashing_mask import (UnleashingMask, estimate_constraint, flooded, maskable_weights,
-                                             top_fraction_mask, write_atypical_report)
+from oodlab.training.unleashing_mask import (ConstraintEstimate, UnleashingMask, estimate_constraint, flooded,
+                                             maskable_weights, top_fraction_mask, write_atypical_report)
 
 META = {"arch": "smallcnn", "num_classes": 3, "in_channels": 1}
 
@@ -156,9 +156,15 @@ def test_atypical_report_lists_the_largest_rises(tiny_suite, tmp_path):
     est = estimate_constraint(_trained_mlp(tiny_suite), tiny_suite.id_train, keep=0.5, augmented=False)
     png = write_atypical_report(est, tiny_suite.id_train, tmp_path, k=10)
     report = json.loads((tmp_path / "atypical.json").read_text())
-    assert report["indices"] == torch.argsort(est.loss_rise, descending=True)[:10].tolist()
+    assert report["indices"] == torch.argsort(est.atypicality(), descending=True)[:10].tolist()
     assert report["labels"] == tiny_suite.id_train.dataset.labels[report["indices"]].tolist()
     assert report["constraint"] == est.constraint and png.stat().st_size > 1000
+
+
+def test_atypicality_is_centred_per_class():
+    est = ConstraintEstimate(0.0, 0.0, torch.tensor([1.0, 2.0, 3.0, 10.0, 11.0, 15.0]), torch.tensor([0, 0, 0, 2, 2, 2]), 0.9)
+    assert est.atypicality().tolist() == [-1.0, 0.0, 1.0, -2.0, -1.0, 3.0]
+    assert est.atypical(2).tolist() == [5, 2]  # not the three class-2 samples with the largest raw rises
 
 
 def test_untrained_model_is_refused(tiny_suite, tmp_path):
@@ -175,6 +181,8 @@ def test_options_are_checked(tiny_suite):
     model = _mlp()
     with pytest.raises(ValueError, match="UMAP"):
         OBJECTIVES["um"](model=model, suite=tiny_suite, config=TrainConfig(), keep=0.5)
+    with pytest.raises(ValueError, match="score_init"):
+        OBJECTIVES["umap"](model=model, suite=tiny_suite, config=TrainConfig(), score_init="zeros")
     with pytest.raises(ValueError, match="cannot itself be um"):
         OBJECTIVES["umap"](model=model, suite=tiny_suite, config=TrainConfig(), base="um")
     with pytest.raises(ValueError, match="unknown base objective"):
@@ -212,6 +220,15 @@ def test_umap_learns_a_mask_and_saves_a_plain_classifier(tiny_suite, trained_ckp
     # the model holds the masked weights, so the loop's per-epoch test accuracy is the checkpoint's
     x, y = next(batches(tiny_suite.id_test, 48))
     assert float((masked(x).argmax(1) == y).double().mean()) == pytest.approx(meta["metrics"]["test_acc"])
+
+
+def test_umap_magnitude_init_starts_from_magnitude_pruning(tiny_suite, trained_ckpt, tmp_path):
+    model, _ = load_checkpoint(trained_ckpt)
+    original = {n: w.detach().clone() for n, w in maskable_weights(model).items()}
+    umap = OBJECTIVES["umap"](model=model, suite=tiny_suite, config=TrainConfig(), constraint=0.1, score_init="magnitude")
+    umap.begin(model, tmp_path)
+    for name, w in maskable_weights(model).items():
+        assert torch.equal(w, original[name] * top_fraction_mask(original[name].abs(), 0.8))
 
 
 def test_umap_resume_equals_uninterrupted(tiny_suite, trained_ckpt, umap_ckpt, tmp_path):
