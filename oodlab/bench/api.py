@@ -1,4 +1,4 @@
-"""``oodlab bench`` as a library call: resolve the model, run the detectors, write the tables."""
+"""``oodlab bench`` as a library call: resolve the model, run the detectors, write tables, figures and report.html."""
 
 from __future__ import annotations
 

@@ -33,17 +33,21 @@ def _conv(i: int, o: int) -> list[nn.Module]:
     return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
 
 
-def small_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 32, feature_dim: int = 128) -> Classifier:
-    """Three 3x3 conv blocks and a ReLU'd fully connected layer giving z (D=128) for 28x28 inputs.
+def small_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 32) -> Classifier:
+    """Four 3x3 conv blocks and global average pooling, for 28x28 inputs; z is 128-d.
 
-    Trains to ~92-93% on Fashion-MNIST in a few CPU minutes. The body ends at the last conv
-    block (a 7x7 map); the "pool" is flatten + FC + ReLU, so z is non-negative like a ResNet's.
+    Shaped like a small ResNet's end: the body's last conv block gives a (4w, 7, 7) map and the
+    pool is a global average, so z is a dense, non-negative average of ReLU maps, the kind of
+    feature ASH, ReAct and DICE were designed for. Trains to about 92-93% on Fashion-MNIST in a
+    few CPU minutes.
     """
     body = nn.Sequential(*_conv(in_channels, width), nn.MaxPool2d(2),
-                         *_conv(width, 2 * width), *_conv(2 * width, 2 * width), nn.MaxPool2d(2))
-    pool = nn.Sequential(nn.Flatten(1), nn.Dropout(0.25), nn.Linear(2 * width * 7 * 7, feature_dim), nn.ReLU(inplace=True))
+                         *_conv(width, 2 * width), *_conv(2 * width, 2 * width), nn.MaxPool2d(2),
+                         *_conv(2 * width, 4 * width))
+    pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
     mean, std = (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if in_channels == 1 else (CIFAR_MEAN, CIFAR_STD)
-    return Classifier(body, pool, nn.Linear(feature_dim, num_classes), mean * (in_channels // len(mean)), std * (in_channels // len(std)))
+    return Classifier(body, pool, nn.Linear(4 * width, num_classes), mean * (in_channels // len(mean)),
+                      std * (in_channels // len(std)))
 
 
 class _BasicBlock(nn.Module):
