@@ -32,6 +32,7 @@ from oodlab.features import extract
 from oodlab.metrics import evaluate
 from oodlab.models import load_checkpoint
 from oodlab.training import TrainConfig
+from oodlab.training.outlier_exposure import default_margins
 from oodlab.training.recipes import default_checkpoint, default_config, train_on_suite
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -98,54 +99,61 @@ def _mean(rows: list[dict], key: str, metric: str | None = None) -> float:
     return mean(r[key][metric] if metric else r[key] for r in rows)
 
 
+def _far_mean(row: dict, det: str, far: list[str], metric: str) -> float:
+    return mean(row[f"{det}/{n}"][metric] for n in far)
+
+
 def table(rows: list[dict], suite: Suite, seeds: list[int]) -> tuple[str, dict[str, dict[str, float]]]:
+    """Markdown tables (Energy, MSP, per-seed) and {method: {"energy": far FPR95, "msp": ..., "acc": ...}}."""
     far = suite.groups["far"]
-    methods = [m for m in ["base", *METHODS] if any(r["method"] == m for r in rows)]
+    by_method = {m: [r for r in rows if r["method"] == m and r["seed"] in seeds] for m in ["base", *METHODS]}
+    by_method = {m: rs for m, rs in by_method.items() if len(rs) == len(seeds)}
     lines, summary = [], {}
-    for det in ("energy", "msp"):
+    for det, title in (("energy", "Energy score"), ("msp", "MSP score")):
         head = " | ".join(f"{n} AUROC / FPR95" for n in far)
-        lines += [f"**{det.upper() if det == 'msp' else 'Energy'} score** (mean over seeds {', '.join(map(str, seeds))}; "
-                  "AUROC / FPR95 in %)", "", f"| method | ID acc | {head} | mean far AUROC / FPR95 | fine-tune time |",
+        lines += [f"**{title}** (mean over seeds {', '.join(map(str, seeds))}; AUROC / FPR95 in %)", "",
+                  f"| method | ID acc | {head} | mean far AUROC / FPR95 | fine-tune time |",
                   "|" + " --- |" * (len(far) + 4)]
-        for m in methods:
-            rs = [r for r in rows if r["method"] == m and r["seed"] in seeds]
-            if len(rs) < len(seeds):
-                continue
+        for m, rs in by_method.items():
             cells = [f"{100 * _mean(rs, f'{det}/{n}', 'auroc'):.2f} / {100 * _mean(rs, f'{det}/{n}', 'fpr95'):.2f}"
                      for n in far]
-            auroc = mean(_mean(rs, f"{det}/{n}", "auroc") for n in far)
-            fpr = mean(_mean(rs, f"{det}/{n}", "fpr95") for n in far)
+            auroc = mean(_far_mean(r, det, far, "auroc") for r in rs)
+            fpr = mean(_far_mean(r, det, far, "fpr95") for r in rs)
             acc = _mean(rs, "id_acc")
-            secs = f"{mean(r['train_s'] for r in rs):.0f} s ({rs[0]['steps']} steps)" if rs[0]["train_s"] else "-"
-            spread = max(r["id_acc"] for r in rs) - min(r["id_acc"] for r in rs)
-            lines.append(f"| {LABELS[m]} | {100 * acc:.2f} (±{50 * spread:.2f}) | {' | '.join(cells)} | "
-                         f"**{100 * auroc:.2f} / {100 * fpr:.2f}** | {secs} |")
+            secs = mean(r["train_s"] for r in rs) if rs[0]["train_s"] else None
+            time_cell = f"{secs:.0f} s ({1000 * secs / rs[0]['steps']:.0f} ms/step)" if secs else "-"
+            lines.append(f"| {LABELS[m]} | {100 * acc:.2f} | {' | '.join(cells)} | "
+                         f"**{100 * auroc:.2f} / {100 * fpr:.2f}** | {time_cell} |")
             summary.setdefault(m, {})[det] = fpr
             summary[m]["acc"] = acc
         lines.append("")
-    return "\n".join(lines), summary
+    lines += ["**Per seed** (ID acc / mean far FPR95 with Energy, in %)", "",
+              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|" + " --- |" * (len(seeds) + 1)]
+    for m, rs in by_method.items():
+        cells = [f"{100 * r['id_acc']:.2f} / {100 * _far_mean(r, 'energy', far, 'fpr95'):.2f}"
+                 for r in sorted(rs, key=lambda r: r["seed"])]
+        lines.append(f"| {LABELS[m]} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n", summary
 
 
 def verdict(summary: dict[str, dict[str, float]]) -> str:
     """The issue's acceptance checks, computed from the table (Energy score, far-OOD mean FPR95)."""
     if "erm" not in summary:
         return ""
-    ref = summary["erm"]
-    out = []
+    ref, out = summary["erm"], []
     for m in ("greg", "greg+"):
         if m in summary:
             s = summary[m]
-            out.append(f"- {LABELS[m]}: mean far FPR95 {100 * s['energy']:.2f} vs ERM fine-tune {100 * ref['energy']:.2f} "
-                       f"({'lower' if s['energy'] < ref['energy'] else 'NOT lower'}); ID accuracy "
-                       f"{100 * (s['acc'] - ref['acc']):+.2f} points vs ERM "
-                       f"({'within' if abs(s['acc'] - ref['acc']) <= 0.015 else 'NOT within'} 1.5 points).")
-    if "energy-oe" in summary:
-        e = summary["energy-oe"]["energy"]
-        for m in ("greg", "greg+"):
-            if m in summary:
-                d = 100 * (summary[m]["energy"] - e)
-                out.append(f"- {LABELS[m]} vs Energy-OE (the paper's claim): mean far FPR95 {d:+.2f} points "
-                           f"({'better' if d < 0 else 'not better'}).")
+            lower = "lower" if s["energy"] < ref["energy"] else "NOT lower"
+            within = "within" if abs(s["acc"] - ref["acc"]) <= 0.015 else "NOT within"
+            out.append(f"- {LABELS[m]}: mean far FPR95 {100 * s['energy']:.2f} vs ERM fine-tune "
+                       f"{100 * ref['energy']:.2f} ({lower}); ID accuracy {100 * (s['acc'] - ref['acc']):+.2f} points "
+                       f"vs ERM fine-tune ({within} 1.5 points).")
+    for m in ("greg", "greg+"):
+        if m in summary and "energy-oe" in summary:
+            d = 100 * (summary[m]["energy"] - summary["energy-oe"]["energy"])
+            out.append(f"- {LABELS[m]} vs Energy-OE (the paper's claim): mean far FPR95 {d:+.2f} points "
+                       f"({'better' if d < 0 else 'not better'}).")
     return "\n".join(out)
 
 
@@ -171,15 +179,18 @@ def main() -> None:
     print(check)
     print(f"total {time.time() - t0:.0f} s")
     if not args.no_doc:
-        protocol = (f"Protocol: each seed's ERM model (oodlab's default recipe: smallcnn, 8 epochs) is fine-tuned by "
-                    f"every method for {args.epochs} epochs on a random {args.subset}-image subset of the Fashion-MNIST "
-                    f"training set (per seed), batch {args.batch_size}, SGD lr {args.lr} with momentum 0.9 and a cosine "
-                    f"schedule, {args.threads} torch thread(s); auxiliary outliers: `{args.aux}` "
-                    "(random grey crops of the scikit-image / scikit-learn photos), method defaults otherwise "
-                    "(OE λ=0.5; Energy-OE λ=0.1; GReg λ_S=0.1, λ_∇=1; margins for 28x28 suites m_in=-13, m_out=-5; "
-                    "GReg+ samples every iteration). \"ERM fine-tune\" gets the same extra training without outliers. "
-                    "Far-OOD sets: " + ", ".join(suite.groups["far"]) + ". Fine-tune time is wall-clock on a shared "
-                    "machine: compare methods within this run only.")
+        m_in, m_out = default_margins(suite)
+        protocol = (
+            f"Protocol: each seed's ERM model (oodlab's default recipe: smallcnn, "
+            f"{default_config(suite.name).epochs} epochs; seed 0 is the default checkpoint) is fine-tuned by every "
+            f"method for {args.epochs} epochs on a random {args.subset}-image subset of the Fashion-MNIST training "
+            f"set (drawn per seed), batch {args.batch_size}, SGD lr {args.lr}, momentum 0.9, cosine schedule, "
+            f"{args.threads} torch thread(s). Auxiliary outliers: `{args.aux}` (random grey crops of the "
+            f"scikit-image / scikit-learn photos). Method defaults: OE λ=0.5 and Energy-OE λ=0.1 with 2 outliers "
+            f"per ID image; GReg λ_S=0.1, λ_∇=1 with 1; GReg+ 2 per ID image picked every iteration from "
+            f"6x-batch candidate pools; margins m_in={m_in:g}, m_out={m_out:g}. \"ERM fine-tune\" gets the same "
+            f"extra training without outliers and is the reference. Far-OOD sets: {', '.join(suite.groups['far'])}. "
+            "Fine-tune times are wall-clock on a shared machine: compare methods within this run only.")
         write_section("train_outliers", "Training with auxiliary outliers (OE, Energy-OE, GReg, GReg+)",
                       "python benchmarks/" + Path(sys.argv[0]).name + " " + shlex.join(sys.argv[1:]),
                       f"{protocol}\n\n{body}\n{check}\n")

@@ -132,8 +132,8 @@ class GReg(AuxObjective):
         is_outlier = torch.arange(len(inputs), device=x.device) >= len(x)
         norms = energy_gradient_norms(inputs, -torch.logsumexp(logits, dim=1), is_outlier, self.m_in, self.m_out,
                                       model.std)
-        loss = (F.cross_entropy(logits_in, y) + self.lambda_s * energy_hinge_loss(logits_in, logits_out, self.m_in, self.m_out)
-                + self.lambda_grad * norms.mean())
+        hinge = energy_hinge_loss(logits_in, logits_out, self.m_in, self.m_out)
+        loss = F.cross_entropy(logits_in, y) + self.lambda_s * hinge + self.lambda_grad * norms.mean()
         return loss, {"correct": float((logits_in.argmax(1) == y).sum())}
 
     def config(self) -> dict[str, Any]:
