@@ -38,6 +38,8 @@ from oodlab.bench import run_bench
 from oodlab.bench.runner import load_scores
 from oodlab.data.base import ImageSet, batches
 from oodlab.data.suites import Suite, load_suite
+from oodlab.detectors import create, score_with_model
+from oodlab.features import extract
 from oodlab.metrics import auroc
 from oodlab.models.zoo import load_checkpoint
 from oodlab.training.recipes import default_checkpoint
@@ -189,6 +191,26 @@ def pod_feature_path(suite: Suite, ckpt: Path) -> tuple[float, float, dict[str, 
     return time.perf_counter() - t0, time.perf_counter() - t1, scores
 
 
+def ash_feature_map_aurocs(suite: Suite, ckpt: Path) -> str:
+    """ASH on the last block's feature map (pytorch-ood's own default) in both libraries, AUROC side by side."""
+    from pytorch_ood.detector import ASH
+
+    model, _ = load_checkpoint(ckpt)
+    train = extract(model, suite.id_train.subset(512), BATCH, "cpu")
+    oods = list(suite.ood)
+    lines = ["| detector | " + " | ".join(oods) + " | max abs diff |", "|---" * (len(oods) + 2) + "|"]
+    for name, pct in (("ash-p", 60), ("ash-b", 65), ("ash-s", 90)):
+        det = create(name, percentile=pct, feature_map=True).fit(train, model.head)
+        ours = {k: score_with_model(det, model, d, MODEL_BATCH, "cpu").numpy() for k, d in eval_sets(suite).items()}
+        pod = ASH(model.feature_map, lambda t: model.head(model.pool(t)), name, percentile=pct / 100)
+        theirs = _per_set(suite, lambda d, pod=pod: _predict_inputs(pod, d, grad=False))
+        a = [100 * auroc(ours["id"], ours[o]) for o in oods]
+        b = [100 * auroc(theirs["id"], theirs[o]) for o in oods]
+        lines.append(f"| {name}, feature map | " + " | ".join(f"{x:.2f} / {y:.2f}" for x, y in zip(a, b))
+                     + f" | {max(abs(x - y) for x, y in zip(a, b)):.3f} |")
+    return "\n".join(lines)
+
+
 # -- report ---------------------------------------------------------------------------------------
 def auroc_table(ours: dict, theirs: dict, theirs_fp: dict, oods: list[str]) -> tuple[str, float]:
     lines = ["| detector | " + " | ".join(oods) + " | max abs diff | usage 1 vs 2 |", "|---" * (len(oods) + 3) + "|"]
@@ -254,6 +276,7 @@ def measure(suite: Suite, ckpt: Path, repeats: int) -> str:
                 for r in {r["detector"]: r for r in warm_rows}.values()]
     oods = list(suite.ood)
     table, worst = auroc_table(ours, theirs, theirs_fp, oods)
+    map_table = ash_feature_map_aurocs(suite, ckpt)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in {"train": suite.id_train, **eval_sets(suite)}.items())
     pod1, pod2 = runs["pytorch-ood usage 1 (model path)"], runs["pytorch-ood usage 2 (hand-wired features)"]
     return f"""Suite `{suite.name}` ({sizes} images), default checkpoint `{Path(ckpt).parent.name}`, CPU, batch {BATCH},
@@ -283,6 +306,11 @@ pytorch-ood's two usages. Largest oodlab vs pytorch-ood difference where the def
 Where the definitions differ: {'; '.join(f'{k}: {v}' for k, v in DIFFERENCES.items())}. Same definition, other
 numerics: KNN (pytorch-ood searches with scikit-learn, oodlab with exact faiss in float32). ASH is configured on the
 pooled features in both (pytorch-ood's own default shapes a feature map before pooling); ViM uses d = D/2 in both.
+
+ASH on the last block's feature map instead (oodlab `feature_map=True`, pytorch-ood's default), not timed,
+AUROC (%) oodlab / pytorch-ood:
+
+{map_table}
 """
 
 
