@@ -43,7 +43,7 @@ TARGET_S = 30.0
 DEFAULT_LR = create("flow").lr
 
 
-def run_one(suite: Suite, ctx: BenchContext, feats, name: str, params: dict[str, Any]) -> dict[str, Any]:
+def run_one(ctx: BenchContext, feats, name: str, params: dict[str, Any]) -> dict[str, Any]:
     """Fit one detector on ID train, score ID test and every OOD set; never raises on divergence."""
     train, test, oods = feats
     det = create(name, **params)
@@ -200,7 +200,7 @@ def main() -> None:
         for det, params in plan(name, seeds, lrs):
             k = key(name, model_id, det, params)
             if k not in done:
-                done[k] = {"key": k, **run_one(suite, ctx, feats, det, params)}
+                done[k] = {"key": k, **run_one(ctx, feats, det, params)}
                 with open(store, "a") as f:
                     f.write(json.dumps(done[k]) + "\n")
                 print(label(done[k]), params, {o: round(m["auroc"] * 100, 2) for o, m in done[k].get("metrics", {}).items()},

@@ -93,8 +93,9 @@ class _ActNorm(LazyTransform):
 class _InverseLU(Transform):
     """``x -> W^-1 x`` for ``W = P L U`` (unit lower ``L``, upper ``U``): one permutation, two solves.
 
-    zuko's :class:`~zuko.transforms.LULinearTransform` solves one small system per sample, which
-    was ~20x slower on CPU than solving once for the whole batch as done here.
+    zuko's :class:`~zuko.transforms.LULinearTransform` solves one small system per sample; with it
+    a training step of the default flow (D=128, batch 250) took 8x longer on CPU than with the
+    single batched solve here.
     """
 
     domain = constraints.real_vector
@@ -135,8 +136,9 @@ class _LUMixing(LazyTransform):
         self.log_s = nn.Parameter(diag.abs().log())
 
     def forward(self, c: Tensor | None = None) -> Transform:
+        eye = torch.eye(len(self.order), dtype=self.lower.dtype, device=self.lower.device)
         upper = torch.triu(self.upper, 1) + torch.diag(self.sign * self.log_s.exp())
-        return _InverseLU(self.order, torch.tril(self.lower, -1) + torch.eye(len(self.order)), upper, -self.log_s.sum())
+        return _InverseLU(self.order, torch.tril(self.lower, -1) + eye, upper, -self.log_s.sum())
 
 
 def _coupling_net(inputs: int, outputs: int, features: int) -> nn.Module:
