@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .data.base import ImageSet, batches
-from .models.adapter import Classifier
+from .models.adapter import Classifier, inference_input
 from .runtime import cache_dir, default_device, progress
 
 __all__ = ["Features", "extract", "FeatureCache"]
@@ -53,20 +53,16 @@ class Features:
 
 @torch.no_grad()
 def extract(model: Classifier, data: ImageSet, batch_size: int = 512, device: torch.device | str | None = None) -> Features:
-    """Run ``model`` over ``data`` once, in eval mode, collecting z, logits and labels (on CPU)."""
+    """Run ``model`` over ``data`` once (its fast inference copy, in eval mode), collecting z, logits and labels (on CPU)."""
     device = torch.device(device) if device is not None else default_device()
-    was_training = model.training
-    model.eval().to(device)
+    fast = model.for_inference().to(device)
     zs, logits, labels = [], [], []
-    try:
-        for x, y in progress(batches(data, batch_size), desc=f"features {data.name}",
-                             total=(len(data) + batch_size - 1) // batch_size, unit="batch"):
-            z = model.features(x.to(device, non_blocking=True))
-            zs.append(z.float().cpu())
-            logits.append(model.head(z).float().cpu())
-            labels.append(torch.as_tensor(y).long())
-    finally:
-        model.train(was_training)
+    for x, y in progress(batches(data, batch_size), desc=f"features {data.name}",
+                         total=(len(data) + batch_size - 1) // batch_size, unit="batch"):
+        z = fast.features(inference_input(x, device))
+        zs.append(z.float().cpu())
+        logits.append(fast.head(z).float().cpu())
+        labels.append(torch.as_tensor(y).long())
     lab = torch.cat(labels)
     return Features(torch.cat(zs), torch.cat(logits), lab if bool((lab >= 0).all()) else None)
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..data.base import ImageSet, batches
 from ..features import Features
-from ..models.adapter import Classifier
+from ..models.adapter import Classifier, inference_input
 from ..runtime import default_device, progress
 
 __all__ = ["Detector", "NotFittedError", "REGISTRY", "register", "create", "available", "load_detector",
@@ -174,11 +174,12 @@ def load_detector(path: str | Path) -> Detector:
 
 def score_with_model(detector: Detector, model: Classifier, data: ImageSet, batch_size: int = 256,
                      device: torch.device | str | None = None) -> Tensor:
-    """Scores of a ``needs = "model"`` detector over a whole data set, batch by batch (float64, CPU)."""
+    """Scores of a ``needs = "model"`` detector over a whole data set, batch by batch, on the model's fast
+    inference copy (:meth:`Classifier.for_inference`); float64, on the CPU."""
     detector._check_fitted()
     device = torch.device(device) if device is not None else default_device()
-    model.eval().to(device)
-    out = [detector.score_inputs(model, x.to(device)).double().cpu()
+    fast = model.for_inference().to(device)
+    out = [detector.score_inputs(fast, inference_input(x, device)).double().cpu()
            for x, _ in progress(batches(data, batch_size), desc=f"{detector.name} {data.name}",
                                 total=(len(data) + batch_size - 1) // batch_size, unit="batch")]
     return torch.cat(out)

@@ -8,12 +8,21 @@ classifier, so data sets stay in [0, 1] and input-space perturbations (ODIN) are
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.fx.experimental.optimization import fuse
 
-__all__ = ["Classifier", "AdapterError"]
+__all__ = ["Classifier", "AdapterError", "inference_input"]
+
+
+def inference_input(x: Tensor, device: torch.device) -> Tensor:
+    """A batch moved to ``device``, images (N, C, H, W) in channels-last layout, for :meth:`Classifier.for_inference`."""
+    if x.dim() == 4:
+        return x.to(device, memory_format=torch.channels_last, non_blocking=True)
+    return x.to(device, non_blocking=True)
 
 
 class AdapterError(ValueError):
@@ -68,6 +77,21 @@ class Classifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+    def for_inference(self) -> "Classifier":
+        """An eval-mode copy that computes the same function faster: for feature extraction and scoring.
+
+        Batch norms are folded into the convolutions before them (``torch.fx`` fusion; a body that
+        fx cannot trace is kept as it is) and weights use the channels-last layout, which oneDNN's
+        CPU convolutions run about twice as fast. Outputs agree with this model's up to float
+        rounding. Feed it inputs from :func:`inference_input`.
+        """
+        clf = copy.deepcopy(self).eval()
+        try:
+            clf.body = fuse(clf.body)
+        except Exception:  # noqa: BLE001 - fx tracing fails in many ways on dynamic code; fusion is optional
+            pass
+        return clf.to(memory_format=torch.channels_last)
 
     # -- wrapping networks built elsewhere ------------------------------------------------------
     @classmethod

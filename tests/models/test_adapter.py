@@ -77,3 +77,52 @@ def test_checkpoint_errors(tmp_path):
     path.with_suffix(".json").write_text('{"arch": "smallcnn", "num_classes": 7, "in_channels": 1}')
     with pytest.raises(CheckpointError, match="does not match"):
         load_checkpoint(path)
+
+
+def _with_bn_statistics(model: nn.Module) -> nn.Module:
+    """Give every batch norm non-trivial running statistics and affine terms, so folding them matters."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g))
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("arch, shape", [("smallcnn", (1, 28, 28)), ("tv-resnet18", (3, 64, 64))])
+def test_for_inference_folds_batch_norms_and_keeps_the_function(arch, shape):
+    from oodlab.models.adapter import inference_input
+
+    model = _with_bn_statistics(build(arch, num_classes=5, in_channels=shape[0])).train()
+    fast = model.for_inference()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())  # all folded into convolutions
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) and model.training  # original untouched
+    conv = next(m for m in fast.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(4, *shape)
+    with torch.no_grad():
+        ref = model.eval()(x)
+        got = fast(inference_input(x, torch.device("cpu")))
+        assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(fast.features(x), model.features(x), atol=1e-4, rtol=1e-4)
+
+
+def test_for_inference_keeps_a_body_fx_cannot_trace():
+    class Dynamic(nn.Module):  # control flow on values: torch.fx cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else self.conv(x)
+
+    model = _with_bn_statistics(Classifier(Dynamic(), nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1)),
+                                           nn.Linear(4, 3)))
+    fast = model.for_inference()
+    assert any(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) and not fast.training
+    x = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model.eval()(x), atol=1e-6)
