@@ -29,10 +29,9 @@ from results_doc import ROOT, write_section
 from oodlab.bench import run_bench
 from oodlab.bench.report import summary_rows
 from oodlab.data.suites import Suite, load_suite
-from oodlab.models import load_checkpoint
 from oodlab.training import TrainConfig
 from oodlab.training.recipes import train_on_suite
-from oodlab.training.tracking import best_epoch, holdout_suite, ood_metrics, plot_tracking, tracking_hook
+from oodlab.training.tracking import best_epoch, holdout_suite, plot_tracking, tracking_hook
 
 FIGURES = ROOT / "docs" / "results"
 ACC_BUDGET = 1.5  # points of ID accuracy a method may lose against the final model
@@ -42,13 +41,18 @@ def history(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
 
 
-def fine_tune(method: str, train_suite: Suite, val: Suite, init_from: Path, out: Path, cfg: TrainConfig,
-              options: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
-    """Run UM or UMAP from ``init_from``; returns the checkpoint and the curve with the start as epoch 0."""
+def fine_tune(method: str, train_suite: Suite, val: Suite, init_from: Path, start: dict[str, Any], out: Path,
+              cfg: TrainConfig, options: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
+    """Run UM or UMAP from ``init_from``; returns the checkpoint and the curve with ``start`` (the tracked
+    validation row of ``init_from``, already in its training history) as epoch 0."""
     ckpt = train_on_suite(train_suite, out, method=method, config=cfg, init_from=init_from, method_options=options,
                           hooks=[tracking_hook(val, out)], verbose=False)
-    start, _ = load_checkpoint(init_from)
-    return ckpt, [{"epoch": 0, **ood_metrics(start, val)}, *history(out)]
+    return ckpt, [{**start, "epoch": 0}, *history(out)]
+
+
+def flood_options(method: str, c: float) -> dict[str, Any]:
+    """UM / UMAP options at constraint ``c`` (UMAP with magnitude-initialised scores)."""
+    return {"constraint": c, **({"score_init": "magnitude"} if method == "umap" else {})}
 
 
 def plot_fine_tuning(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -132,20 +136,20 @@ def main() -> None:
         "umap-magnitude-curve": (f"UMAP, c = {c_curve}, magnitude init", "umap", umap_cfg,
                                  {"score_init": "magnitude", "constraint": c_curve}),
     }
-    tuned = {key: fine_tune(method, train_suite, val, final, out / key, cfg, opts)
+    tuned = {key: fine_tune(method, train_suite, val, final, erm[-1], out / key, cfg, opts)
              for key, (_, method, cfg, opts) in runs.items()}
     # ID-only choice of c: the training loss at the earliest epoch whose validation accuracy is within the budget
     c_id = round(next(r for r in erm if r["val_acc"] >= erm[-1]["val_acc"] - ACC_BUDGET / 100)["loss"], 4)
     sweep = [("um", c, lr) for c in (c_curve, c_id) for lr in a.sweep_lr] + [("umap", c, a.sweep_umap_lr)
                                                                               for c in (c_curve, c_id)]
-    swept = {(m, c, lr): fine_tune(m, train_suite, val, final, out / "sweep" / f"{m}-c{c:g}-lr{lr:g}",
-                                   TrainConfig(epochs=a.um_epochs, lr=lr, **base),
-                                   {"constraint": c, **({"score_init": "magnitude"} if m == "umap" else {})})
+    swept = {(m, c, lr): fine_tune(m, train_suite, val, final, erm[-1], out / "sweep" / f"{m}-c{c:g}-lr{lr:g}",
+                                   TrainConfig(epochs=a.um_epochs, lr=lr, **base), flood_options(m, c))
              for m, c, lr in sweep}
     swept[("um", c_curve, a.um_lr)] = tuned["um-curve"]
     v0 = erm[-1]
     within = {k: r for k, r in swept.items() if r[1][-1]["val_acc"] >= v0["val_acc"] - ACC_BUDGET / 100}
-    pick = max(within or swept, key=lambda k: (within or swept)[k][1][-1]["energy_auroc"])
+    pool = within or swept
+    pick = max(pool, key=lambda k: pool[k][1][-1]["energy_auroc"])
 
     models = {"final": (f"ERM final (epoch {a.epochs})", final),
               "best": (f"ERM best intermediate (epoch {best})", out / "erm" / f"epoch-{best:03d}.safetensors"),
@@ -155,9 +159,8 @@ def main() -> None:
               "pick": (f"ERM final + {pick[0].upper()}, c = {pick[1]:g}, lr {pick[2]:g} (best of the sensitivity "
                        "table on validation)", swept[pick][0]),
               **{f"pick-seed{seed}": (f"the same, fine-tuning seed {seed}", fine_tune(
-                  pick[0], train_suite, val, final, out / "pick" / f"seed{seed}",
-                  TrainConfig(epochs=a.um_epochs, lr=pick[2], seed=seed, **base),
-                  {"constraint": pick[1], **({"score_init": "magnitude"} if pick[0] == "umap" else {})})[0])
+                  pick[0], train_suite, val, final, erm[-1], out / "pick" / f"seed{seed}",
+                  TrainConfig(epochs=a.um_epochs, lr=pick[2], seed=seed, **base), flood_options(*pick[:2]))[0])
                  for seed in a.pick_seeds}}
     test_suite = replace(test, id_train=subset)
     results = {key: run_bench(test_suite, ["energy", "msp"], ckpt, out / "bench" / key, verbose=False)
