@@ -7,7 +7,10 @@ Every epoch is tracked on a validation split (a fixed 20% of the ID test set and
 set); intermediate epochs and the hand-set constraint are picked there, and the table is measured
 on the other 80%. A sensitivity table runs UM / UMAP over constraints and learning rates (validation);
 its best setting within the accuracy budget is evaluated on the test split and repeated with other
-fine-tuning seeds. Interrupted runs resume. Usage::
+fine-tuning seeds. Two robustness checks follow: the ERM run repeated with other seeds, each with
+UM at a constraint chosen from ID data only (test split), and a search for a setting with a better
+intermediate stage (other learning rate, label noise, near OOD), each over seeds. Interrupted runs
+resume. Usage::
 
     python benchmarks/unleashing_mask.py [--train-size 5000] [--epochs 30] [--um-epochs 10] [--stage erm]
 """
@@ -20,14 +23,16 @@ import shlex
 import shutil
 import statistics
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from results_doc import ROOT, write_section
 
 from oodlab.bench import run_bench
 from oodlab.bench.report import summary_rows
+from oodlab.data.base import ArrayDataset, ImageSet, tensor_fingerprint
 from oodlab.data.suites import Suite, load_suite
 from oodlab.training import TrainConfig
 from oodlab.training.recipes import train_on_suite
@@ -35,6 +40,172 @@ from oodlab.training.tracking import best_epoch, holdout_suite, plot_tracking, t
 
 FIGURES = ROOT / "docs" / "results"
 ACC_BUDGET = 1.5  # points of ID accuracy a method may lose against the final model
+SYNTHETIC = ("gaussian", "uniform")  # the noise OOD sets; the others are natural images
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One ERM setting of the search for a better intermediate stage (``lr=None``: the main run's;
+    ``threads``: CPU threads for the run, which changes only the floating-point summation order)."""
+
+    key: str
+    label: str
+    suite: str = "fashionmnist"
+    lr: float | None = None
+    label_noise: float = 0.0
+    threads: int | None = None
+
+
+SETTINGS = (Setting("clean", "as the main run"),
+            Setting("clean-1thread", "as the main run, on 1 CPU thread", threads=1),
+            Setting("lr0.01", "lr 0.01", lr=0.01),
+            Setting("noise0.2", "20% of the training labels flipped", label_noise=0.2),
+            Setting("split", "fashionmnist-split (ID classes 0-5; near OOD: classes 6-9)", suite="fashionmnist-split"))
+
+
+def with_label_noise(data: ImageSet, fraction: float, seed: int = 0) -> ImageSet:
+    """``data`` with a fixed random ``fraction`` of its labels replaced by a different class (symmetric noise)."""
+    ds = data.dataset
+    if not isinstance(ds, ArrayDataset) or data.num_classes is None:
+        raise ValueError(f"label noise needs an in-memory labelled set, got {data.name}")
+    gen = torch.Generator().manual_seed(seed)
+    flip = torch.rand(len(ds), generator=gen) < fraction
+    other = (ds.labels + torch.randint(1, data.num_classes, (len(ds),), generator=gen)) % data.num_classes
+    return ImageSet(data.name, ArrayDataset(ds.images, torch.where(flip, other, ds.labels)),
+                    tensor_fingerprint(data.fingerprint, f"label-noise:{fraction}:{seed}"), data.num_classes)
+
+
+def prepare(suite_name: str, train_size: int, label_noise: float = 0.0) -> tuple[Suite, Suite, Suite, ImageSet]:
+    """``(train suite, validation suite, test suite, training subset)``: the subset is the ID training set
+    (per-epoch accuracy on the validation part), validation / test are a fixed 20% / 80% split of every set."""
+    suite = load_suite(suite_name)
+    val, test = holdout_suite(suite)
+    subset = suite.id_train.subset(train_size, seed=0)
+    if label_noise:
+        subset = with_label_noise(subset, label_noise)
+    return replace(suite, id_train=subset, id_test=val.id_test), val, replace(test, id_train=subset), subset
+
+
+BASE = dict(augment=False, batch_size=128, weight_decay=5e-4)  # every ERM and fine-tuning run here
+
+
+def tracked_erm(setting: Setting, seed: int, a: argparse.Namespace,
+                out: Path) -> tuple[Path, list[dict[str, Any]], tuple[Suite, Suite, Suite, ImageSet]]:
+    """Train (or resume) ERM in ``setting`` with ``seed``, tracked on the validation split every epoch; returns
+    the final checkpoint, the per-epoch rows and :func:`prepare`'s suites. The main run lives in ``out/erm``."""
+    data = prepare(setting.suite, a.train_size, setting.label_noise)
+    run = out / "erm" if (setting, seed) == (SETTINGS[0], 0) else out / "search" / f"{setting.key}-seed{seed}"
+    cfg = TrainConfig(epochs=a.epochs, lr=setting.lr or a.lr, seed=seed, **BASE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(setting.threads or threads)
+    try:
+        final = train_on_suite(data[0], run, config=cfg, hooks=[tracking_hook(data[1], run)], verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+    return final, history(run), data
+
+
+def id_only_constraint(rows: list[dict[str, Any]]) -> float:
+    """A constraint chosen from ID data only: the training loss at the earliest epoch whose validation
+    accuracy is within the budget of the final epoch's."""
+    return round(next(r for r in rows if r["val_acc"] >= rows[-1]["val_acc"] - ACC_BUDGET / 100)["loss"], 4)
+
+
+def family_means(s: dict[str, Any]) -> tuple[float, float]:
+    """Mean AUROC (%) over the natural OOD sets and over the synthetic-noise ones of one summary row."""
+    nat = [v["auroc"] for k, v in s["per_ood"].items() if k not in SYNTHETIC]
+    syn = [v["auroc"] for k, v in s["per_ood"].items() if k in SYNTHETIC]
+    return 100 * statistics.mean(nat), 100 * statistics.mean(syn)
+
+
+def replicate(a: argparse.Namespace, out: Path) -> str:
+    """ERM seeds 0 and ``--erm-seeds``: final, best intermediate within the budget, and UM at the ID-only
+    constraint, on the test split; a markdown table of the changes against each seed's final model."""
+    lines = ["| ERM seed | final: ID acc / mean AUROC | best intermediate within budget: epoch, Δ acc / Δ AUROC | "
+             "UM c (ID-only) | UM: Δ acc / Δ AUROC | UM Δ AUROC natural / synthetic |", "|---" * 6 + "|"]
+    deltas: dict[str, list[float]] = {"best": [], "um": [], "acc": []}
+    for seed in [0, *a.erm_seeds]:
+        final, rows, (train_suite, val, test_suite, _) = tracked_erm(SETTINGS[0], seed, a, out)
+        c = id_only_constraint(rows)
+        sweep_dir = out / "sweep" if seed == 0 else out / f"sweep-seed{seed}"  # seed 0: a sensitivity-table run
+        um, _ = fine_tune("um", train_suite, val, final, rows[-1], sweep_dir / f"um-c{c:g}-lr{a.replicate_lr:g}",
+                          TrainConfig(epochs=a.um_epochs, lr=a.replicate_lr, **BASE), flood_options("um", c))
+        close = best_epoch(rows, min_acc=rows[-1]["val_acc"] - ACC_BUDGET / 100)
+        ckpts = {"final": final, "best": final.parent / f"epoch-{close:03d}.safetensors", "um": um}
+        s = {k: summary(run_bench(test_suite, ["energy"], p, out / "bench" / f"seed{seed}-{k}", verbose=False), "energy")
+             for k, p in ckpts.items()}
+        acc = {k: 100 * v["id_acc"] for k, v in s.items()}
+        auroc = {k: 100 * v["mean"]["auroc"] for k, v in s.items()}
+        (nat0, syn0), (nat, syn) = family_means(s["final"]), family_means(s["um"])
+        deltas["best"].append(auroc["best"] - auroc["final"])
+        deltas["um"].append(auroc["um"] - auroc["final"])
+        deltas["acc"].append(acc["um"] - acc["final"])
+        lines.append(f"| {seed} | {acc['final']:.2f} / {auroc['final']:.2f} | {close}, {acc['best'] - acc['final']:+.2f} / "
+                     f"{auroc['best'] - auroc['final']:+.2f} | {c:g} | {acc['um'] - acc['final']:+.2f} / "
+                     f"{auroc['um'] - auroc['final']:+.2f} | {nat - nat0:+.2f} / {syn - syn0:+.2f} |")
+    mean = {k: statistics.mean(v) for k, v in deltas.items()}
+    lines.append(f"| mean | | Δ AUROC {mean['best']:+.2f} | | {mean['acc']:+.2f} / {mean['um']:+.2f} | |")
+    return "\n".join(lines)
+
+
+def search(a: argparse.Namespace, out: Path) -> tuple[str, dict[str, dict[int, list[dict[str, Any]]]]]:
+    """ERM in every setting of :data:`SETTINGS` over seeds; a markdown table (validation split) of how much
+    better the best intermediate epoch detects OOD than the final one, and the curves."""
+    curves: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    lines = ["| setting | seed | final: ID acc / mean AUROC | AUROC range, last 10 epochs | best within budget: "
+             "epoch, Δ acc / Δ AUROC | best overall: epoch, Δ acc / Δ AUROC |", "|---" * 6 + "|"]
+    for setting in SETTINGS:
+        for seed in ([0, *a.erm_seeds] if setting is SETTINGS[0] else a.search_seeds):
+            rows = curves.setdefault(setting.label, {})[seed] = tracked_erm(setting, seed, a, out)[1]
+            last, late = rows[-1], [100 * r["energy_auroc"] for r in rows[-10:]]
+            d = lambda e, key: 100 * (rows[e - 1][key] - last[key])  # noqa: E731
+            close, best = best_epoch(rows, min_acc=last["val_acc"] - ACC_BUDGET / 100), best_epoch(rows)
+            lines.append(f"| {setting.label} | {seed} | {100 * last['val_acc']:.2f} / {100 * last['energy_auroc']:.2f} | "
+                         f"{min(late):.2f} - {max(late):.2f} | {close}, {d(close, 'val_acc'):+.2f} / "
+                         f"{d(close, 'energy_auroc'):+.2f} | {best}, {d(best, 'val_acc'):+.2f} / {d(best, 'energy_auroc'):+.2f} |")
+    return "\n".join(lines + ["", thread_effect(curves, a.search_seeds)]), curves
+
+
+def thread_effect(curves: dict[str, dict[int, list[dict[str, Any]]]], seeds: list[int]) -> str:
+    """Compare the clean runs with their 1-thread twins: same data, seed and settings, other summation order."""
+    default, single = curves[SETTINGS[0].label], curves[SETTINGS[1].label]
+    same = lambda r, q: all(r[k] == q[k] for k in r if k != "seconds")  # noqa: E731
+    parts = []
+    for seed in seeds:
+        if seed not in default:
+            continue
+        r, q = default[seed], single[seed]
+        if all(same(x, y) for x, y in zip(r, q)):
+            parts.append(f"seed {seed}: every tracked number identical")
+        else:
+            parts.append(f"seed {seed}: final mean AUROC {100 * r[-1]['energy_auroc']:.2f} vs {100 * q[-1]['energy_auroc']:.2f}, "
+                         f"ID accuracy {100 * r[-1]['val_acc']:.2f} vs {100 * q[-1]['val_acc']:.2f}")
+    return ("The clean runs against their 1-thread twins (same data, seed and settings; only the floating-point "
+            "summation order can differ; run folders are reused as they were trained): " + "; ".join(parts) + ".")
+
+
+def plot_search(curves: dict[str, dict[int, list[dict[str, Any]]]], path: Path) -> None:
+    """Validation ID accuracy and mean Energy AUROC per epoch: one column per setting, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(curves), figsize=(3.4 * len(curves), 5.6), sharex=True, squeeze=False)
+    for col, (label, seeds) in enumerate(curves.items()):
+        for seed, rows in seeds.items():
+            for ax, key in zip(axes[:, col], ("val_acc", "energy_auroc")):
+                ax.plot([r["epoch"] for r in rows], [100 * r[key] for r in rows], "o-", ms=2, lw=1, label=f"seed {seed}")
+        axes[0, col].set_title(label if len(label) < 40 else label.split(" (")[0], fontsize=8)
+        axes[1, col].set_xlabel("epoch")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("validation ID accuracy (%)")
+    axes[1, 0].set_ylabel("mean Energy AUROC (%)")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def history(run: Path) -> list[dict[str, Any]]:
@@ -107,27 +278,24 @@ def main() -> None:
     ap.add_argument("--sweep-umap-lr", type=float, default=0.01, help="UMAP learning rate in the sensitivity table")
     ap.add_argument("--pick-seeds", type=int, nargs="*", default=[1, 2],
                     help="repeat the picked setting with these fine-tuning seeds (data order), on the test split")
+    ap.add_argument("--erm-seeds", type=int, nargs="*", default=[1, 2],
+                    help="repeat the ERM run with these seeds, each with UM at the ID-only constraint (test split)")
+    ap.add_argument("--replicate-lr", type=float, default=0.005, help="UM learning rate for those repeats")
+    ap.add_argument("--search-seeds", type=int, nargs="*", default=[0, 1],
+                    help="ERM seeds per setting of the search for a better intermediate stage")
     ap.add_argument("--stage", choices=["erm", "all"], default="all", help="erm: only the long ERM run")
     ap.add_argument("--out", default="runs/unleashing_mask")
     a = ap.parse_args()
     out = Path(a.out)
 
-    suite = load_suite("fashionmnist")
-    val, test = holdout_suite(suite)
-    subset = suite.id_train.subset(a.train_size, seed=0)
-    train_suite = replace(suite, id_train=subset, id_test=val.id_test)  # per-epoch test_acc on the validation part
-    base = dict(augment=False, batch_size=128, weight_decay=5e-4)
-
-    final = train_on_suite(train_suite, out / "erm", config=TrainConfig(epochs=a.epochs, lr=a.lr, **base),
-                           hooks=[tracking_hook(val, out / "erm")], verbose=False)
-    erm = history(out / "erm")
+    final, erm, (train_suite, val, test_suite, _) = tracked_erm(SETTINGS[0], 0, a, out)
     if a.stage == "erm":
         return
     best = best_epoch(erm)
     best_close = best_epoch(erm, min_acc=erm[-1]["val_acc"] - ACC_BUDGET / 100)
     c_curve = round(erm[best_close - 1]["loss"], 4)  # the training loss at that stage: a hand-set constraint
 
-    um_cfg, umap_cfg = TrainConfig(epochs=a.um_epochs, lr=a.um_lr, **base), TrainConfig(epochs=a.um_epochs, lr=a.umap_lr, **base)
+    um_cfg, umap_cfg = TrainConfig(epochs=a.um_epochs, lr=a.um_lr, **BASE), TrainConfig(epochs=a.um_epochs, lr=a.umap_lr, **BASE)
     runs = {  # key: (label, method, config, options)
         "um": ("UM, estimated c", "um", um_cfg, {}),
         "um-curve": (f"UM, c = {c_curve}", "um", um_cfg, {"constraint": c_curve}),
@@ -138,12 +306,11 @@ def main() -> None:
     }
     tuned = {key: fine_tune(method, train_suite, val, final, erm[-1], out / key, cfg, opts)
              for key, (_, method, cfg, opts) in runs.items()}
-    # ID-only choice of c: the training loss at the earliest epoch whose validation accuracy is within the budget
-    c_id = round(next(r for r in erm if r["val_acc"] >= erm[-1]["val_acc"] - ACC_BUDGET / 100)["loss"], 4)
+    c_id = id_only_constraint(erm)
     sweep = [("um", c, lr) for c in (c_curve, c_id) for lr in a.sweep_lr] + [("umap", c, a.sweep_umap_lr)
                                                                               for c in (c_curve, c_id)]
     swept = {(m, c, lr): fine_tune(m, train_suite, val, final, erm[-1], out / "sweep" / f"{m}-c{c:g}-lr{lr:g}",
-                                   TrainConfig(epochs=a.um_epochs, lr=lr, **base), flood_options(m, c))
+                                   TrainConfig(epochs=a.um_epochs, lr=lr, **BASE), flood_options(m, c))
              for m, c, lr in sweep}
     swept[("um", c_curve, a.um_lr)] = tuned["um-curve"]
     v0 = erm[-1]
@@ -160,9 +327,8 @@ def main() -> None:
                        "table on validation)", swept[pick][0]),
               **{f"pick-seed{seed}": (f"the same, fine-tuning seed {seed}", fine_tune(
                   pick[0], train_suite, val, final, erm[-1], out / "pick" / f"seed{seed}",
-                  TrainConfig(epochs=a.um_epochs, lr=pick[2], seed=seed, **base), flood_options(*pick[:2]))[0])
+                  TrainConfig(epochs=a.um_epochs, lr=pick[2], seed=seed, **BASE), flood_options(*pick[:2]))[0])
                  for seed in a.pick_seeds}}
-    test_suite = replace(test, id_train=subset)
     results = {key: run_bench(test_suite, ["energy", "msp"], ckpt, out / "bench" / key, verbose=False)
                for key, (_, ckpt) in models.items()}
 
@@ -171,6 +337,9 @@ def main() -> None:
                   f"ERM on {a.train_size} Fashion-MNIST training images (validation split)")
     plot_fine_tuning({runs[k][0]: rows for k, (_, rows) in tuned.items()}, FIGURES / "unleashing_mask_fine_tuning.png")
     shutil.copyfile(out / "um" / "atypical.png", FIGURES / "unleashing_mask_atypical.png")
+    replicated = replicate(a, out)
+    searched, curves = search(a, out)
+    plot_search(curves, FIGURES / "unleashing_mask_search.png")
 
     est = json.loads((out / "um" / "atypical.json").read_text())
     auroc = {k: 100 * summary(r, "energy")["mean"]["auroc"] for k, r in results.items()}
@@ -229,6 +398,22 @@ tables above). c = {c_curve} is the loss at the best validation stage within the
 within {ACC_BUDGET} points of the final one (ID data only). UMAP uses magnitude init.
 
 {chr(10).join(sens)}
+
+**The same with other ERM seeds.** The ERM run repeated with seeds {", ".join(map(str, [0, *a.erm_seeds]))} (same
+data, other initialisation and batch order); each final model fine-tuned with UM for {a.um_epochs} epochs at lr
+{a.replicate_lr:g} and the ID-only constraint (its training loss at the earliest epoch within {ACC_BUDGET} points of
+its final validation accuracy). Test split, Energy; changes against that seed's final model; natural OOD sets =
+{", ".join(k for k in summary(results["final"], "energy")["per_ood"] if k not in SYNTHETIC)}, synthetic = {", ".join(SYNTHETIC)}.
+
+{replicated}
+
+**Where is there a better intermediate stage?** ERM in other settings, each over seeds (validation split,
+mean Energy AUROC over the setting's OOD sets; Δ against the final epoch; "within budget" = validation
+accuracy within {ACC_BUDGET} points of the final epoch's). Same subset size, epochs and optimiser as the main run.
+
+{searched}
+
+![ERM curves per setting and seed](results/unleashing_mask_search.png)
 
 The ERM run epoch by epoch (validation split; the dotted line marks the best Energy AUROC epoch):
 
