@@ -105,6 +105,16 @@ def tracked_erm(setting: Setting, seed: int, a: argparse.Namespace,
     return final, history(run), data
 
 
+def best_within_budget(rows: list[dict[str, Any]]) -> int:
+    """The epoch with the best validation mean Energy AUROC among those within the accuracy budget of the final one."""
+    return best_epoch(rows, min_acc=rows[-1]["val_acc"] - ACC_BUDGET / 100)
+
+
+def sweep_run(out: Path, seed: int, method: str, c: float, lr: float) -> Path:
+    """The folder of a fine-tuning run from ERM seed ``seed``'s final model (seed 0: the sensitivity table's)."""
+    return (out / "sweep" if seed == 0 else out / f"sweep-seed{seed}") / f"{method}-c{c:g}-lr{lr:g}"
+
+
 def id_only_constraint(rows: list[dict[str, Any]]) -> float:
     """A constraint chosen from ID data only: the training loss at the earliest epoch whose validation
     accuracy is within the budget of the final epoch's."""
@@ -127,10 +137,9 @@ def replicate(a: argparse.Namespace, out: Path) -> str:
     for seed in [0, *a.erm_seeds]:
         final, rows, (train_suite, val, test_suite, _) = tracked_erm(SETTINGS[0], seed, a, out)
         c = id_only_constraint(rows)
-        sweep_dir = out / "sweep" if seed == 0 else out / f"sweep-seed{seed}"  # seed 0: a sensitivity-table run
-        um, _ = fine_tune("um", train_suite, val, final, rows[-1], sweep_dir / f"um-c{c:g}-lr{a.replicate_lr:g}",
+        um, _ = fine_tune("um", train_suite, val, final, rows[-1], sweep_run(out, seed, "um", c, a.replicate_lr),
                           TrainConfig(epochs=a.um_epochs, lr=a.replicate_lr, **BASE), flood_options("um", c))
-        close = best_epoch(rows, min_acc=rows[-1]["val_acc"] - ACC_BUDGET / 100)
+        close = best_within_budget(rows)
         ckpts = {"final": final, "best": final.parent / f"epoch-{close:03d}.safetensors", "um": um}
         s = {k: summary(run_bench(test_suite, ["energy"], p, out / "bench" / f"seed{seed}-{k}", verbose=False), "energy")
              for k, p in ckpts.items()}
@@ -159,7 +168,7 @@ def search(a: argparse.Namespace, out: Path) -> tuple[str, dict[str, dict[int, l
             rows = curves.setdefault(setting.label, {})[seed] = tracked_erm(setting, seed, a, out)[1]
             last, late = rows[-1], [100 * r["energy_auroc"] for r in rows[-10:]]
             d = lambda e, key: 100 * (rows[e - 1][key] - last[key])  # noqa: E731
-            close, best = best_epoch(rows, min_acc=last["val_acc"] - ACC_BUDGET / 100), best_epoch(rows)
+            close, best = best_within_budget(rows), best_epoch(rows)
             lines.append(f"| {setting.label} | {seed} | {100 * last['val_acc']:.2f} / {100 * last['energy_auroc']:.2f} | "
                          f"{min(late):.2f} - {max(late):.2f} | {close}, {d(close, 'val_acc'):+.2f} / "
                          f"{d(close, 'energy_auroc'):+.2f} | {best}, {d(best, 'val_acc'):+.2f} / {d(best, 'energy_auroc'):+.2f} |")
@@ -292,7 +301,7 @@ def main() -> None:
     if a.stage == "erm":
         return
     best = best_epoch(erm)
-    best_close = best_epoch(erm, min_acc=erm[-1]["val_acc"] - ACC_BUDGET / 100)
+    best_close = best_within_budget(erm)
     c_curve = round(erm[best_close - 1]["loss"], 4)  # the training loss at that stage: a hand-set constraint
 
     um_cfg, umap_cfg = TrainConfig(epochs=a.um_epochs, lr=a.um_lr, **BASE), TrainConfig(epochs=a.um_epochs, lr=a.umap_lr, **BASE)
@@ -309,7 +318,7 @@ def main() -> None:
     c_id = id_only_constraint(erm)
     sweep = [("um", c, lr) for c in (c_curve, c_id) for lr in a.sweep_lr] + [("umap", c, a.sweep_umap_lr)
                                                                               for c in (c_curve, c_id)]
-    swept = {(m, c, lr): fine_tune(m, train_suite, val, final, erm[-1], out / "sweep" / f"{m}-c{c:g}-lr{lr:g}",
+    swept = {(m, c, lr): fine_tune(m, train_suite, val, final, erm[-1], sweep_run(out, 0, m, c, lr),
                                    TrainConfig(epochs=a.um_epochs, lr=lr, **BASE), flood_options(m, c))
              for m, c, lr in sweep}
     swept[("um", c_curve, a.um_lr)] = tuned["um-curve"]
