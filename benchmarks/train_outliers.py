@@ -65,6 +65,12 @@ def evaluate_model(ckpt: Path, suite: Suite) -> dict:
     return row
 
 
+def append_row(path: Path, row: dict) -> None:
+    """Append one JSON line and close the file (the row is on disk even if the next run is interrupted)."""
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def run(args: argparse.Namespace, suite: Suite, aux: ImageSet) -> list[dict]:
     """Train and evaluate every (method, seed) not yet in ``<out>/rows.jsonl``; returns all rows."""
     out = Path(args.out)
@@ -76,7 +82,7 @@ def run(args: argparse.Namespace, suite: Suite, aux: ImageSet) -> list[dict]:
         base = base_checkpoint(suite, seed, out)
         if ("base", seed) not in done:
             rows.append({"method": "base", "seed": seed, "train_s": None, "steps": 0, **evaluate_model(base, suite)})
-            rows_path.open("a").write(json.dumps(rows[-1]) + "\n")
+            append_row(rows_path, rows[-1])
         ft_suite = replace(suite, id_train=suite.id_train.subset(args.subset, seed=seed))
         for method in args.methods:
             if (method, seed) in done:
@@ -89,7 +95,7 @@ def run(args: argparse.Namespace, suite: Suite, aux: ImageSet) -> list[dict]:
             steps = args.epochs * -(-len(ft_suite.id_train) // args.batch_size)
             rows.append({"method": method, "seed": seed, "train_s": sum(h["seconds"] for h in history), "steps": steps,
                          **evaluate_model(ckpt, suite)})
-            rows_path.open("a").write(json.dumps(rows[-1]) + "\n")
+            append_row(rows_path, rows[-1])
             print(f"{method} seed {seed}: acc {rows[-1]['id_acc']:.4f}, {rows[-1]['train_s']:.0f} s", flush=True)
     return rows
 

@@ -4,6 +4,8 @@ A run folder holds ``epoch-NNN.safetensors/.json`` (weights + metadata after eac
 ``last.safetensors/.json`` (the newest), ``train_state.pt`` (optimizer, schedule and RNG state,
 tensors only, read with ``weights_only=True``) and ``history.jsonl`` (one row of metrics per
 epoch). Re-running the same command on the same folder resumes after the last finished epoch.
+Runs are deterministic for a given device and CPU thread count (both recorded in the metadata as
+``compute``); a resume under another one continues correctly but not bit-for-bit, and warns.
 
 What is optimised comes from an :class:`Objective` (plain cross-entropy, Outlier Exposure, GReg,
 Unleashing Mask...), so every method shares this one loop.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -127,9 +130,17 @@ def evaluate_accuracy(model: Classifier, data: ImageSet, batch_size: int = 512, 
 EpochHook = Callable[[Classifier, int], dict[str, Any]]
 
 
-def _meta(base: dict[str, Any], cfg: TrainConfig, objective: Objective, epoch: int, row: dict[str, Any]) -> dict[str, Any]:
+def compute_signature(device: torch.device) -> str:
+    """Where a run computes, e.g. ``"cpu, 2 threads"``: the floating-point summation order (and so the
+    trained weights) depends on it, not only on the seed."""
+    n = torch.get_num_threads()
+    return f"cpu, {n} thread{'s' * (n > 1)}" if device.type == "cpu" else device.type
+
+
+def _meta(base: dict[str, Any], cfg: TrainConfig, objective: Objective, epoch: int, row: dict[str, Any],
+          compute: str) -> dict[str, Any]:
     return {**base, "epoch": epoch, "objective": objective.name, "objective_config": objective.config(),
-            "train_config": asdict(cfg), "metrics": row}
+            "train_config": asdict(cfg), "compute": compute, "metrics": row}
 
 
 def train(model: Classifier, train_set: ImageSet, objective: Objective, cfg: TrainConfig, run_dir: str | Path,
@@ -156,7 +167,8 @@ def train(model: Classifier, train_set: ImageSet, objective: Objective, cfg: Tra
     steps_per_epoch = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
              if cfg.schedule == "cosine" else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
-    start = _resume(run, model, opt, sched, cfg, objective)
+    compute = compute_signature(device)
+    start = _resume(run, model, opt, sched, cfg, objective, compute)
     for epoch in range(start + 1, cfg.epochs + 1):
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch)
@@ -185,7 +197,7 @@ def train(model: Classifier, train_set: ImageSet, objective: Objective, cfg: Tra
         for hook in hooks or []:
             row.update(hook(model, epoch))
         model.train()
-        _save_epoch(run, model, opt, sched, epoch, _meta(model_meta, cfg, objective, epoch, row), row,
+        _save_epoch(run, model, opt, sched, epoch, _meta(model_meta, cfg, objective, epoch, row, compute), row,
                     objective.state_dict())
     return run / "last.safetensors"
 
@@ -197,14 +209,14 @@ def _save_epoch(run: Path, model: Classifier, opt, sched, epoch: int, meta: dict
         shutil.copyfile(ckpt.with_suffix(suffix), (run / "last").with_suffix(suffix))
     state = {"epoch": torch.tensor(epoch), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "config": json.dumps(meta["train_config"], sort_keys=True), "objective": meta["objective"],
-             "objective_state": objective_state}
+             "compute": meta["compute"], "objective_state": objective_state}
     torch.save(state, run / "train_state.tmp")
     (run / "train_state.tmp").replace(run / "train_state.pt")
     with open(run / "history.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
-def _resume(run: Path, model: Classifier, opt, sched, cfg: TrainConfig, objective: Objective) -> int:
+def _resume(run: Path, model: Classifier, opt, sched, cfg: TrainConfig, objective: Objective, compute: str) -> int:
     """Restore the newest finished epoch from ``run``; returns it (0 = fresh start)."""
     path = run / "train_state.pt"
     if not path.exists():
@@ -218,6 +230,11 @@ def _resume(run: Path, model: Classifier, opt, sched, cfg: TrainConfig, objectiv
         raise ValueError(f"{run} holds a run with other settings; use a new --out folder "
                          "(or delete it) instead of resuming it")
     epoch = int(state["epoch"])
+    before = state.get("compute", "an unrecorded device / thread count")
+    if before != compute and epoch < cfg.epochs:
+        warnings.warn(f"{run} was trained on {before} and resumes on {compute}: the result will differ slightly from "
+                      "an uninterrupted run (floating-point summation order); match it (e.g. torch.set_num_threads) "
+                      "to reproduce it exactly", stacklevel=3)
     model.load_state_dict(load_file(str(run / f"epoch-{epoch:03d}.safetensors")))
     objective.load_state_dict(state.get("objective_state", {}))
     opt.load_state_dict(state["optimizer"])

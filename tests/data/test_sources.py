@@ -15,7 +15,8 @@ from oodlab.data.sources import digits, fashion_mnist, folder, glyphs, noise
 def _write_idx(path, array: np.ndarray, gz: bool = True) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
     data = header + array.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(data)
+    with (gzip.open if gz else open)(path, "wb") as f:  # closed here: an unclosed gzip stream may not be flushed
+        f.write(data)
 
 
 @pytest.fixture
@@ -47,8 +48,10 @@ def test_data_root_comes_before_environment(fake_fmnist, tmp_path_factory, monke
 
 def test_truncated_idx_is_rejected(tmp_path):
     _write_idx(tmp_path / "x.gz", np.zeros((3, 4, 4)))
-    raw = gzip.open(tmp_path / "x.gz").read()
-    gzip.open(tmp_path / "y.gz", "wb").write(raw[:-5])
+    with gzip.open(tmp_path / "x.gz") as f:
+        raw = f.read()
+    with gzip.open(tmp_path / "y.gz", "wb") as f:
+        f.write(raw[:-5])
     with pytest.raises(ValueError, match="truncated"):
         fashion_mnist.read_idx(tmp_path / "y.gz")
 

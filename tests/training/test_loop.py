@@ -58,6 +58,28 @@ def test_resume_refuses_other_settings(tiny_suite, tmp_path):
         _run(tiny_suite, tmp_path, epochs=1, seed=5)
 
 
+def test_resume_under_other_thread_count_warns(tiny_suite, tmp_path):
+    def crash(model, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return {}
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, seed=0, augment=False)
+        with pytest.raises(KeyboardInterrupt):
+            train(build("smallcnn", 3, 1), tiny_suite.id_train, OBJECTIVES["erm"](), cfg, tmp_path, META,
+                  hooks=[crash], device="cpu")
+        assert json.loads((tmp_path / "last.json").read_text())["compute"] == "cpu, 1 thread"
+        torch.set_num_threads(2)
+        with pytest.warns(UserWarning, match="trained on cpu, 1 thread and resumes on cpu, 2 threads"):
+            _run(tiny_suite, tmp_path, epochs=2)
+        assert json.loads((tmp_path / "last.json").read_text())["compute"] == "cpu, 2 threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_seeded(tiny_suite, tmp_path):
     _, a = _run(tiny_suite, tmp_path / "a", epochs=1)
     _, b = _run(tiny_suite, tmp_path / "b", epochs=1)
