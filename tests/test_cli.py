@@ -62,3 +62,13 @@ def test_errors_are_messages_not_tracebacks(tiny_registered, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--param", "novalue"])
+
+
+def test_train_refuses_options_the_method_does_not_take(tiny_registered, tmp_path, capsys):
+    assert main(["train", "--suite", "tiny", "--method", "erm", "--constraint", "0.1", "--out", str(tmp_path)]) == 2
+    assert "training method 'erm' takes no option 'constraint'" in capsys.readouterr().err
+    assert main(["train", "--suite", "tiny", "--method", "um", "--option", "lambda_s=1", "--out", str(tmp_path)]) == 2
+    assert "takes no option 'lambda_s'" in capsys.readouterr().err  # UM hands unknown options to its base, erm
+    assert main(["train", "--suite", "tiny", "--method", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown training method 'nope'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before anything was written

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.suites import Suite
 from ..models.adapter import Classifier
 from . import register_objective
-from .loop import Objective
+from .loop import Objective, TrainConfig
 
 __all__ = ["CrossEntropy"]
 
@@ -23,5 +24,5 @@ class CrossEntropy(Objective):
 
 
 @register_objective("erm")
-def _factory(**_: object) -> CrossEntropy:
+def _factory(*, model: Classifier, suite: Suite, config: TrainConfig) -> CrossEntropy:
     return CrossEntropy()

@@ -33,13 +33,11 @@ def train_on_suite(suite: str | Suite, out_dir: str | Path, method: str = "erm",
 
     Returns the final checkpoint path. Re-running with the same ``out_dir`` resumes.
     """
-    from . import OBJECTIVES
+    from . import create_objective
 
     suite_obj = suite if isinstance(suite, Suite) else load_suite(suite, data_root)
     cfg = config or default_config(suite_obj.name)
     seed_everything(cfg.seed)  # before building, so the initial weights follow the seed too
-    if method not in OBJECTIVES:
-        raise ValueError(f"unknown training method {method!r}; available: {', '.join(sorted(OBJECTIVES))}")
     if init_from is not None:
         model, meta = load_checkpoint(init_from)
         if model.num_classes != suite_obj.num_classes:
@@ -48,7 +46,7 @@ def train_on_suite(suite: str | Suite, out_dir: str | Path, method: str = "erm",
     else:
         arch = arch or DEFAULT_ARCH.get(suite_obj.name, "smallcnn")
         model = build(arch, suite_obj.num_classes, suite_obj.input_shape[0])
-    objective = OBJECTIVES[method](model=model, suite=suite_obj, config=cfg, **(method_options or {}))
+    objective = create_objective(method, method_options, model=model, suite=suite_obj, config=cfg)
     meta_out = {"arch": arch, "num_classes": suite_obj.num_classes, "in_channels": suite_obj.input_shape[0],
                 "suite": suite_obj.name, "method": method, "init_from": str(init_from) if init_from else None}
     t0 = time.perf_counter()

@@ -344,14 +344,14 @@ class UnleashingMaskPruning(UnleashingMask):
 
 def _setup(model: Classifier, suite: Suite, config: TrainConfig, options: dict[str, Any]) -> dict[str, Any]:
     """Split ``options`` into ours and the base objective's, and build the base objective."""
-    from . import OBJECTIVES
+    from . import OBJECTIVES, create_objective
 
     ours = {k: options.pop(k) for k in ("constraint", "estimate_keep", "keep", "score_init") if k in options}
     base = options.pop("base", "erm")
     if base not in OBJECTIVES:
         raise ValueError(f"unknown base objective {base!r} for Unleashing Mask; use one of "
                          f"{', '.join(sorted(set(OBJECTIVES) - {'um', 'umap'}))}")
-    return {**ours, "base": OBJECTIVES[base](model=model, suite=suite, config=config, **options),
+    return {**ours, "base": create_objective(base, options, model=model, suite=suite, config=config),
             "augmented": config.augment, "seed": config.seed, "batch_size": config.eval_batch_size}
 
 

@@ -11,7 +11,8 @@ from oodlab.detectors import create
 from oodlab.features import FeatureCache
 from oodlab.metrics import auroc
 from oodlab.models import build, save_checkpoint
-from oodlab.training import OBJECTIVES, TrainConfig, train
+from oodlab.training import TrainConfig, train
+from oodlab.training.erm import CrossEntropy
 from helpers import make_tiny_suite
 
 
@@ -21,7 +22,7 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     model = build("smallcnn", 3, 1)
     run = tmp_path_factory.mktemp("run")
-    ckpt = train(model, suite.id_train, OBJECTIVES["erm"](), TrainConfig(epochs=2, batch_size=16, augment=False),
+    ckpt = train(model, suite.id_train, CrossEntropy(), TrainConfig(epochs=2, batch_size=16, augment=False),
                  run, {"arch": "smallcnn", "num_classes": 3, "in_channels": 1}, device="cpu")
     return suite, model.eval(), ckpt
 

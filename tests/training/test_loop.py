@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oodlab.training import OBJECTIVES, TrainConfig, train
+from oodlab.training import TrainConfig, train
+from oodlab.training.erm import CrossEntropy
 from oodlab.training.loop import augment, evaluate_accuracy
 from oodlab.models import build
 
@@ -17,7 +18,7 @@ def _run(suite, out, epochs, seed=0):
     torch.manual_seed(seed)
     model = build("smallcnn", 3, 1)
     cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.05, seed=seed, augment=False)
-    ckpt = train(model, suite.id_train, OBJECTIVES["erm"](), cfg, out, META, test_set=suite.id_test, device="cpu")
+    ckpt = train(model, suite.id_train, CrossEntropy(), cfg, out, META, test_set=suite.id_test, device="cpu")
     return model, ckpt
 
 
@@ -44,7 +45,7 @@ def test_resume_equals_uninterrupted(tiny_suite, tmp_path):
     model = build("smallcnn", 3, 1)
     cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, seed=0, augment=False)
     with pytest.raises(KeyboardInterrupt):
-        train(model, tiny_suite.id_train, OBJECTIVES["erm"](), cfg, tmp_path / "cut", META, hooks=[crash], device="cpu")
+        train(model, tiny_suite.id_train, CrossEntropy(), cfg, tmp_path / "cut", META, hooks=[crash], device="cpu")
     assert not (tmp_path / "cut" / "epoch-003.safetensors").exists()
     _, resumed = _run(tiny_suite, tmp_path / "cut", epochs=3)
     a, b = load_file(str(full)), load_file(str(resumed))
@@ -69,7 +70,7 @@ def test_resume_under_other_thread_count_warns(tiny_suite, tmp_path):
         torch.set_num_threads(1)
         cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, seed=0, augment=False)
         with pytest.raises(KeyboardInterrupt):
-            train(build("smallcnn", 3, 1), tiny_suite.id_train, OBJECTIVES["erm"](), cfg, tmp_path, META,
+            train(build("smallcnn", 3, 1), tiny_suite.id_train, CrossEntropy(), cfg, tmp_path, META,
                   hooks=[crash], device="cpu")
         assert json.loads((tmp_path / "last.json").read_text())["compute"] == "cpu, 1 thread"
         torch.set_num_threads(2)
