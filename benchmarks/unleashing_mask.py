@@ -9,10 +9,11 @@ on the other 80%. A sensitivity table runs UM / UMAP over constraints and learni
 its best setting within the accuracy budget is evaluated on the test split and repeated with other
 fine-tuning seeds. Two robustness checks follow: the ERM run repeated with other seeds, each with
 UM at a constraint chosen from ID data only (test split), and a search for a setting with a better
-intermediate stage (other learning rate, label noise, near OOD), each over seeds. Interrupted runs
-resume. Usage::
+intermediate stage (other learning rate, label noise, near OOD, another thread count), each over seeds.
+Every run trains on ``--threads`` CPU threads (default 1), since the weights depend on it; interrupted runs
+resume, and run folders trained on another thread count are refused. Usage::
 
-    python benchmarks/unleashing_mask.py [--train-size 5000] [--epochs 30] [--um-epochs 10] [--stage erm]
+    python benchmarks/unleashing_mask.py [--train-size 5000] [--epochs 30] [--um-epochs 10] [--threads 1] [--stage erm]
 """
 
 from __future__ import annotations
@@ -34,19 +35,23 @@ from oodlab.bench import run_bench
 from oodlab.bench.report import summary_rows
 from oodlab.data.base import ArrayDataset, ImageSet, tensor_fingerprint
 from oodlab.data.suites import Suite, load_suite
+from oodlab.runtime import default_device
 from oodlab.training import TrainConfig
+from oodlab.training.loop import compute_signature
 from oodlab.training.recipes import train_on_suite
 from oodlab.training.tracking import best_epoch, holdout_suite, plot_tracking, tracking_hook
 
 FIGURES = ROOT / "docs" / "results"
 ACC_BUDGET = 1.5  # points of ID accuracy a method may lose against the final model
+ID_ONLY_GAP = 1.0  # the ID-only constraint's epoch: within this many points (a margin under the budget, since
+#                    a fine-tune from the final model ends below the accuracy of the epoch whose loss it targets)
 SYNTHETIC = ("gaussian", "uniform")  # the noise OOD sets; the others are natural images
 
 
 @dataclass(frozen=True)
 class Setting:
     """One ERM setting of the search for a better intermediate stage (``lr=None``: the main run's;
-    ``threads``: CPU threads for the run, which changes only the floating-point summation order)."""
+    ``threads``: CPU threads for the run instead of ``--threads``, which changes only the summation order)."""
 
     key: str
     label: str
@@ -57,7 +62,7 @@ class Setting:
 
 
 SETTINGS = (Setting("clean", "as the main run"),
-            Setting("clean-1thread", "as the main run, on 1 CPU thread", threads=1),
+            Setting("clean-2threads", "as the main run, on 2 CPU threads", threads=2),
             Setting("lr0.01", "lr 0.01", lr=0.01),
             Setting("noise0.2", "20% of the training labels flipped", label_noise=0.2),
             Setting("split", "fashionmnist-split (ID classes 0-5; near OOD: classes 6-9)", suite="fashionmnist-split"))
@@ -99,10 +104,21 @@ def tracked_erm(setting: Setting, seed: int, a: argparse.Namespace,
     threads = torch.get_num_threads()
     torch.set_num_threads(setting.threads or threads)
     try:
+        check_compute(run)
         final = train_on_suite(data[0], run, config=cfg, hooks=[tracking_hook(data[1], run)], verbose=False)
     finally:
         torch.set_num_threads(threads)
     return final, history(run), data
+
+
+def check_compute(run: Path) -> None:
+    """Refuse a run folder trained on another device or CPU thread count: its numbers would not be the ones
+    this command produces (the trained weights depend on the floating-point summation order)."""
+    now = compute_signature(default_device())
+    meta = run / "last.json"
+    if meta.exists() and (before := json.loads(meta.read_text()).get("compute")) != now:
+        sys.exit(f"{run} was trained on {before or 'an unrecorded device / thread count'}, this run computes on "
+                 f"{now}: delete the folder or pass its --threads (or another --out)")
 
 
 def best_within_budget(rows: list[dict[str, Any]]) -> int:
@@ -117,8 +133,8 @@ def sweep_run(out: Path, seed: int, method: str, c: float, lr: float) -> Path:
 
 def id_only_constraint(rows: list[dict[str, Any]]) -> float:
     """A constraint chosen from ID data only: the training loss at the earliest epoch whose validation
-    accuracy is within the budget of the final epoch's."""
-    return round(next(r for r in rows if r["val_acc"] >= rows[-1]["val_acc"] - ACC_BUDGET / 100)["loss"], 4)
+    accuracy is within :data:`ID_ONLY_GAP` points of the final epoch's."""
+    return round(next(r for r in rows if r["val_acc"] >= rows[-1]["val_acc"] - ID_ONLY_GAP / 100)["loss"], 4)
 
 
 def family_means(s: dict[str, Any]) -> tuple[float, float]:
@@ -133,7 +149,7 @@ def replicate(a: argparse.Namespace, out: Path) -> str:
     constraint, on the test split; a markdown table of the changes against each seed's final model."""
     lines = ["| ERM seed | final: ID acc / mean AUROC | best intermediate within budget: epoch, Δ acc / Δ AUROC | "
              "UM c (ID-only) | UM: Δ acc / Δ AUROC | UM Δ AUROC natural / synthetic |", "|---" * 6 + "|"]
-    deltas: dict[str, list[float]] = {"best": [], "um": [], "acc": []}
+    deltas: dict[str, list[float]] = {"best": [], "um": [], "acc": [], "nat": [], "syn": []}
     for seed in [0, *a.erm_seeds]:
         final, rows, (train_suite, val, test_suite, _) = tracked_erm(SETTINGS[0], seed, a, out)
         c = id_only_constraint(rows)
@@ -149,11 +165,23 @@ def replicate(a: argparse.Namespace, out: Path) -> str:
         deltas["best"].append(auroc["best"] - auroc["final"])
         deltas["um"].append(auroc["um"] - auroc["final"])
         deltas["acc"].append(acc["um"] - acc["final"])
+        deltas["nat"].append(nat - nat0)
+        deltas["syn"].append(syn - syn0)
         lines.append(f"| {seed} | {acc['final']:.2f} / {auroc['final']:.2f} | {close}, {acc['best'] - acc['final']:+.2f} / "
                      f"{auroc['best'] - auroc['final']:+.2f} | {c:g} | {acc['um'] - acc['final']:+.2f} / "
                      f"{auroc['um'] - auroc['final']:+.2f} | {nat - nat0:+.2f} / {syn - syn0:+.2f} |")
     mean = {k: statistics.mean(v) for k, v in deltas.items()}
-    lines.append(f"| mean | | Δ AUROC {mean['best']:+.2f} | | {mean['acc']:+.2f} / {mean['um']:+.2f} | |")
+    lines.append(f"| mean | | Δ AUROC {mean['best']:+.2f} | | {mean['acc']:+.2f} / {mean['um']:+.2f} | "
+                 f"{mean['nat']:+.2f} / {mean['syn']:+.2f} |")
+    n = len(deltas["um"])
+    within = [-d <= ACC_BUDGET for d in deltas["acc"]]
+    better = [d > 0 for d in deltas["um"]]
+    lines += ["", f"UM at the ID-only constraint over the {n} ERM seeds: mean Energy AUROC {mean['um']:+.2f} points "
+              f"(natural sets {mean['nat']:+.2f}, synthetic {mean['syn']:+.2f}) at a mean ID accuracy change of "
+              f"{mean['acc']:+.2f} points ({'within' if -mean['acc'] <= ACC_BUDGET else 'outside'} the {ACC_BUDGET}-point "
+              f"budget). Per seed: AUROC up in {sum(better)} of {n}, accuracy within the budget in {sum(within)} of {n}, "
+              f"both in {sum(b and w for b, w in zip(better, within))} of {n}; natural-set AUROC up in "
+              f"{sum(d > 0 for d in deltas['nat'])} of {n}."]
     return "\n".join(lines)
 
 
@@ -172,29 +200,64 @@ def search(a: argparse.Namespace, out: Path) -> tuple[str, dict[str, dict[int, l
             lines.append(f"| {setting.label} | {seed} | {100 * last['val_acc']:.2f} / {100 * last['energy_auroc']:.2f} | "
                          f"{min(late):.2f} - {max(late):.2f} | {close}, {d(close, 'val_acc'):+.2f} / "
                          f"{d(close, 'energy_auroc'):+.2f} | {best}, {d(best, 'val_acc'):+.2f} / {d(best, 'energy_auroc'):+.2f} |")
-    return "\n".join(lines + ["", thread_effect(curves, a.search_seeds)]), curves
+    return "\n".join(lines + ["", seed_means(curves), "", thread_effect(curves, a.search_seeds)]), curves
+
+
+def natural_auroc(row: dict[str, Any]) -> float:
+    """Mean Energy AUROC over the natural OOD sets of one tracked row."""
+    return statistics.mean(v for k, v in row.items() if k.startswith("energy_auroc/") and k.split("/")[1] not in SYNTHETIC)
+
+
+def mean_curve(seeds: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The curve averaged over seeds epoch by epoch (validation accuracy, mean and natural-set Energy AUROC)."""
+    runs = list(seeds.values())
+    return [{"epoch": rows[0]["epoch"], **{k: statistics.mean(f(r) for r in rows) for k, f in
+             (("val_acc", lambda r: r["val_acc"]), ("energy_auroc", lambda r: r["energy_auroc"]),
+              ("natural_auroc", natural_auroc))}} for rows in zip(*runs)]
+
+
+def seed_means(curves: dict[str, dict[int, list[dict[str, Any]]]]) -> str:
+    """Markdown: per setting with several seeds, the seed-averaged curve's best epoch within the budget against
+    its final epoch, next to the spread of the final AUROC over seeds (a stage that exists systematically
+    shows on the averaged curve; one seed's lucky epoch averages out)."""
+    lines = ["The curves averaged over seeds, epoch by epoch (validation split; natural = the OOD sets other than "
+             f"{', '.join(SYNTHETIC)}; the best epoch within the budget is picked on the averaged mean AUROC):", "",
+             "| setting | seeds | mean final: ID acc / AUROC / natural AUROC | final AUROC over seeds: min - max | "
+             "averaged curve, best within budget: epoch, Δ acc / Δ AUROC / Δ natural AUROC |", "|---" * 5 + "|"]
+    for label, seeds in curves.items():
+        if len(seeds) < 2:
+            continue
+        rows, finals = mean_curve(seeds), [100 * r[-1]["energy_auroc"] for r in seeds.values()]
+        last, e = rows[-1], best_within_budget(rows)
+        d = {k: 100 * (rows[e - 1][k] - last[k]) for k in ("val_acc", "energy_auroc", "natural_auroc")}
+        lines.append(f"| {label} | {len(seeds)} | {100 * last['val_acc']:.2f} / {100 * last['energy_auroc']:.2f} / "
+                     f"{100 * last['natural_auroc']:.2f} | {min(finals):.2f} - {max(finals):.2f} | {e}, "
+                     f"{d['val_acc']:+.2f} / {d['energy_auroc']:+.2f} / {d['natural_auroc']:+.2f} |")
+    return "\n".join(lines)
 
 
 def thread_effect(curves: dict[str, dict[int, list[dict[str, Any]]]], seeds: list[int]) -> str:
-    """Compare the clean runs with their 1-thread twins: same data, seed and settings, other summation order."""
-    default, single = curves[SETTINGS[0].label], curves[SETTINGS[1].label]
+    """Compare the clean runs with their twins on another thread count: same data, seed and settings, other
+    summation order."""
+    default, twin = curves[SETTINGS[0].label], curves[SETTINGS[1].label]
     same = lambda r, q: all(r[k] == q[k] for k in r if k != "seconds")  # noqa: E731
     parts = []
     for seed in seeds:
         if seed not in default:
             continue
-        r, q = default[seed], single[seed]
+        r, q = default[seed], twin[seed]
         if all(same(x, y) for x, y in zip(r, q)):
             parts.append(f"seed {seed}: every tracked number identical")
         else:
             parts.append(f"seed {seed}: final mean AUROC {100 * r[-1]['energy_auroc']:.2f} vs {100 * q[-1]['energy_auroc']:.2f}, "
                          f"ID accuracy {100 * r[-1]['val_acc']:.2f} vs {100 * q[-1]['val_acc']:.2f}")
-    return ("The clean runs against their 1-thread twins (same data, seed and settings; only the floating-point "
-            "summation order can differ; run folders are reused as they were trained): " + "; ".join(parts) + ".")
+    return (f"The clean runs against their twins on {SETTINGS[1].threads} CPU threads (same data, seed and settings; "
+            "only the floating-point summation order can differ): " + "; ".join(parts) + ".")
 
 
 def plot_search(curves: dict[str, dict[int, list[dict[str, Any]]]], path: Path) -> None:
-    """Validation ID accuracy and mean Energy AUROC per epoch: one column per setting, one line per seed."""
+    """Validation ID accuracy and mean Energy AUROC per epoch: one column per setting, one line per seed
+    (black: their mean)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,6 +268,10 @@ def plot_search(curves: dict[str, dict[int, list[dict[str, Any]]]], path: Path) 
         for seed, rows in seeds.items():
             for ax, key in zip(axes[:, col], ("val_acc", "energy_auroc")):
                 ax.plot([r["epoch"] for r in rows], [100 * r[key] for r in rows], "o-", ms=2, lw=1, label=f"seed {seed}")
+        if len(seeds) > 1:
+            rows = mean_curve(seeds)
+            for ax, key in zip(axes[:, col], ("val_acc", "energy_auroc")):
+                ax.plot([r["epoch"] for r in rows], [100 * r[key] for r in rows], "k-", lw=2, label="mean")
         axes[0, col].set_title(label if len(label) < 40 else label.split(" (")[0], fontsize=8)
         axes[1, col].set_xlabel("epoch")
         for ax in axes[:, col]:
@@ -225,6 +292,7 @@ def fine_tune(method: str, train_suite: Suite, val: Suite, init_from: Path, star
               cfg: TrainConfig, options: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
     """Run UM or UMAP from ``init_from``; returns the checkpoint and the curve with ``start`` (the tracked
     validation row of ``init_from``, already in its training history) as epoch 0."""
+    check_compute(out)
     ckpt = train_on_suite(train_suite, out, method=method, config=cfg, init_from=init_from, method_options=options,
                           hooks=[tracking_hook(val, out)], verbose=False)
     return ckpt, [{**start, "epoch": 0}, *history(out)]
@@ -287,14 +355,19 @@ def main() -> None:
     ap.add_argument("--sweep-umap-lr", type=float, default=0.01, help="UMAP learning rate in the sensitivity table")
     ap.add_argument("--pick-seeds", type=int, nargs="*", default=[1, 2],
                     help="repeat the picked setting with these fine-tuning seeds (data order), on the test split")
-    ap.add_argument("--erm-seeds", type=int, nargs="*", default=[1, 2],
+    ap.add_argument("--erm-seeds", type=int, nargs="*", default=[1, 2, 3, 4],
                     help="repeat the ERM run with these seeds, each with UM at the ID-only constraint (test split)")
     ap.add_argument("--replicate-lr", type=float, default=0.005, help="UM learning rate for those repeats")
     ap.add_argument("--search-seeds", type=int, nargs="*", default=[0, 1],
                     help="ERM seeds per setting of the search for a better intermediate stage")
     ap.add_argument("--stage", choices=["erm", "all"], default="all", help="erm: only the long ERM run")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads for every run: the trained weights depend on it (summation order)")
     ap.add_argument("--out", default="runs/unleashing_mask")
     a = ap.parse_args()
+    if a.threads < 1:
+        ap.error("--threads must be >= 1")
+    torch.set_num_threads(a.threads)
     out = Path(a.out)
 
     final, erm, (train_suite, val, test_suite, _) = tracked_erm(SETTINGS[0], 0, a, out)
@@ -376,7 +449,10 @@ def main() -> None:
     body = f"""Protocol: smallcnn trained from scratch on a fixed random {a.train_size} of the 60k Fashion-MNIST
 training images (seed 0), no augmentation, SGD (momentum 0.9, Nesterov) lr {a.lr} cosine, weight decay
 5e-4, batch 128, {a.epochs} epochs (final training accuracy {100 * erm[-1]['train_acc']:.2f}% in train
-mode, training loss {erm[-1]['loss']:.4f}). Every epoch is tracked on a validation split: a fixed 20%
+mode, training loss {erm[-1]['loss']:.4f}). Every run here trains on {a.threads} CPU thread{"s" * (a.threads > 1)}
+(`--threads`): the trained weights depend on the thread count through the floating-point summation order, so
+these numbers reproduce with the same count (run folders record it; see the twin runs below). Every epoch is
+tracked on a validation split: a fixed 20%
 of the Fashion-MNIST test set and of each OOD set. The best intermediate epoch is the one with the best
 mean Energy AUROC there, also restricted to epochs whose validation accuracy is within {ACC_BUDGET} points
 of the final epoch's. All numbers in the tables are on the other 80%.
@@ -404,13 +480,14 @@ model, measured on the validation split after the last epoch (the split the hand
 these are not test numbers; the best row within the accuracy budget is evaluated on the test split in the
 tables above). c = {c_curve} is the loss at the best validation stage within the budget
 (an OOD-informed choice); c = {c_id} is the loss at the earliest epoch whose validation accuracy is
-within {ACC_BUDGET} points of the final one (ID data only). UMAP uses magnitude init.
+within {ID_ONLY_GAP} points of the final one (ID data only; a margin under the {ACC_BUDGET}-point budget because a
+fine-tune ends below the accuracy of the epoch whose loss it targets). UMAP uses magnitude init.
 
 {chr(10).join(sens)}
 
 **The same with other ERM seeds.** The ERM run repeated with seeds {", ".join(map(str, [0, *a.erm_seeds]))} (same
 data, other initialisation and batch order); each final model fine-tuned with UM for {a.um_epochs} epochs at lr
-{a.replicate_lr:g} and the ID-only constraint (its training loss at the earliest epoch within {ACC_BUDGET} points of
+{a.replicate_lr:g} and the ID-only constraint (its training loss at the earliest epoch within {ID_ONLY_GAP} points of
 its final validation accuracy). Test split, Energy; changes against that seed's final model; natural OOD sets =
 {", ".join(k for k in summary(results["final"], "energy")["per_ood"] if k not in SYNTHETIC)}, synthetic = {", ".join(SYNTHETIC)}.
 
