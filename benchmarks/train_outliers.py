@@ -32,7 +32,7 @@ from oodlab.detectors import create
 from oodlab.features import extract
 from oodlab.metrics import evaluate
 from oodlab.models import load_checkpoint
-from oodlab.training import OBJECTIVES, TrainConfig
+from oodlab.training import TrainConfig, create_objective
 from oodlab.training.outlier_exposure import default_margins
 from oodlab.training.recipes import default_checkpoint, default_config, train_on_suite
 
@@ -109,10 +109,10 @@ def step_costs(suite: Suite, base: Path, aux: ImageSet, args: argparse.Namespace
     model, _ = load_checkpoint(base)
     model.train()
     cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr)
-    objectives = {m: OBJECTIVES[m](model=model, suite=suite, config=cfg, **({} if m == "erm" else {"aux": aux}))
+    objectives = {m: create_objective(m, {} if m == "erm" else {"aux": aux}, model=model, suite=suite, config=cfg)
                   for m in METHODS}
-    objectives["greg+ (per-epoch refresh)"] = OBJECTIVES["greg+"](model=model, suite=suite, config=cfg, aux=aux,
-                                                                   refresh="epoch")
+    objectives["greg+ (per-epoch refresh)"] = create_objective("greg+", {"aux": aux, "refresh": "epoch"},
+                                                               model=model, suite=suite, config=cfg)
     for objective in objectives.values():
         objective.start_epoch(model, 1, torch.device("cpu"))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)

@@ -137,11 +137,11 @@ def id_only_constraint(rows: list[dict[str, Any]]) -> float:
     return round(next(r for r in rows if r["val_acc"] >= rows[-1]["val_acc"] - ID_ONLY_GAP / 100)["loss"], 4)
 
 
-def family_means(s: dict[str, Any]) -> tuple[float, float]:
-    """Mean AUROC (%) over the natural OOD sets and over the synthetic-noise ones of one summary row."""
-    nat = [v["auroc"] for k, v in s["per_ood"].items() if k not in SYNTHETIC]
-    syn = [v["auroc"] for k, v in s["per_ood"].items() if k in SYNTHETIC]
-    return 100 * statistics.mean(nat), 100 * statistics.mean(syn)
+def family_means(auroc: dict[str, float]) -> tuple[float, float]:
+    """Mean AUROC over the natural OOD sets and over the synthetic-noise ones, from ``{set: AUROC}``."""
+    nat = [v for k, v in auroc.items() if k not in SYNTHETIC]
+    syn = [v for k, v in auroc.items() if k in SYNTHETIC]
+    return statistics.mean(nat), statistics.mean(syn)
 
 
 def replicate(a: argparse.Namespace, out: Path) -> str:
@@ -161,15 +161,16 @@ def replicate(a: argparse.Namespace, out: Path) -> str:
              for k, p in ckpts.items()}
         acc = {k: 100 * v["id_acc"] for k, v in s.items()}
         auroc = {k: 100 * v["mean"]["auroc"] for k, v in s.items()}
-        (nat0, syn0), (nat, syn) = family_means(s["final"]), family_means(s["um"])
+        (nat0, syn0), (nat, syn) = (family_means({k: v["auroc"] for k, v in s[m]["per_ood"].items()})
+                                    for m in ("final", "um"))
         deltas["best"].append(auroc["best"] - auroc["final"])
         deltas["um"].append(auroc["um"] - auroc["final"])
         deltas["acc"].append(acc["um"] - acc["final"])
-        deltas["nat"].append(nat - nat0)
-        deltas["syn"].append(syn - syn0)
+        deltas["nat"].append(100 * (nat - nat0))
+        deltas["syn"].append(100 * (syn - syn0))
         lines.append(f"| {seed} | {acc['final']:.2f} / {auroc['final']:.2f} | {close}, {acc['best'] - acc['final']:+.2f} / "
                      f"{auroc['best'] - auroc['final']:+.2f} | {c:g} | {acc['um'] - acc['final']:+.2f} / "
-                     f"{auroc['um'] - auroc['final']:+.2f} | {nat - nat0:+.2f} / {syn - syn0:+.2f} |")
+                     f"{auroc['um'] - auroc['final']:+.2f} | {deltas['nat'][-1]:+.2f} / {deltas['syn'][-1]:+.2f} |")
     mean = {k: statistics.mean(v) for k, v in deltas.items()}
     lines.append(f"| mean | | Δ AUROC {mean['best']:+.2f} | | {mean['acc']:+.2f} / {mean['um']:+.2f} | "
                  f"{mean['nat']:+.2f} / {mean['syn']:+.2f} |")
@@ -205,15 +206,14 @@ def search(a: argparse.Namespace, out: Path) -> tuple[str, dict[str, dict[int, l
 
 def natural_auroc(row: dict[str, Any]) -> float:
     """Mean Energy AUROC over the natural OOD sets of one tracked row."""
-    return statistics.mean(v for k, v in row.items() if k.startswith("energy_auroc/") and k.split("/")[1] not in SYNTHETIC)
+    return family_means({k.split("/")[1]: v for k, v in row.items() if k.startswith("energy_auroc/")})[0]
 
 
 def mean_curve(seeds: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """The curve averaged over seeds epoch by epoch (validation accuracy, mean and natural-set Energy AUROC)."""
-    runs = list(seeds.values())
-    return [{"epoch": rows[0]["epoch"], **{k: statistics.mean(f(r) for r in rows) for k, f in
-             (("val_acc", lambda r: r["val_acc"]), ("energy_auroc", lambda r: r["energy_auroc"]),
-              ("natural_auroc", natural_auroc))}} for rows in zip(*runs)]
+    """The curve averaged over seeds epoch by epoch: validation accuracy, mean and natural-set Energy AUROC."""
+    return [{"epoch": rows[0]["epoch"], "val_acc": statistics.mean(r["val_acc"] for r in rows),
+             "energy_auroc": statistics.mean(r["energy_auroc"] for r in rows),
+             "natural_auroc": statistics.mean(natural_auroc(r) for r in rows)} for rows in zip(*seeds.values())]
 
 
 def seed_means(curves: dict[str, dict[int, list[dict[str, Any]]]]) -> str:
