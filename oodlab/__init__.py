@@ -11,6 +11,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 from .features import Features, FeatureCache, extract
+from .guard import Guard
 from .metrics import evaluate
 
-__all__ = ["Features", "FeatureCache", "evaluate", "extract", "__version__"]
+__all__ = ["Features", "FeatureCache", "Guard", "evaluate", "extract", "__version__"]

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from helpers import make_tiny_suite
+from tiny_fixtures import make_images, tiny  # noqa: F401  (fixtures for detector and guard tests)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -58,12 +58,23 @@ class ImageSet:
         """A reproducible random subset of ``n`` items (all of them if ``n`` >= len)."""
         if n >= len(self):
             return self
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        return self.split(n, seed)[0]
+
+    def split(self, n: int, seed: int = 0) -> tuple["ImageSet", "ImageSet"]:
+        """A reproducible random split into ``n`` items and the rest, each in the original order."""
+        if not 0 < n < len(self):
+            raise ValueError(f"cannot split {len(self)} items of {self.name} into {n} and the rest")
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        first = ImageSet(self.name, self._take(perm[:n].sort().values), _digest(f"{self.fingerprint}|subset:{n}:{seed}"),
+                         self.num_classes)
+        rest = ImageSet(f"{self.name}-rest", self._take(perm[n:].sort().values),
+                        _digest(f"{self.fingerprint}|rest:{n}:{seed}"), self.num_classes)
+        return first, rest
+
+    def _take(self, idx: Tensor) -> Dataset:
         if isinstance(self.dataset, ArrayDataset):
-            ds: Dataset = ArrayDataset(self.dataset.images[idx], self.dataset.labels[idx])
-        else:
-            ds = torch.utils.data.Subset(self.dataset, idx.tolist())
-        return ImageSet(self.name, ds, _digest(f"{self.fingerprint}|subset:{n}:{seed}"), self.num_classes)
+            return ArrayDataset(self.dataset.images[idx], self.dataset.labels[idx])
+        return torch.utils.data.Subset(self.dataset, idx.tolist())
 
 
 def _digest(text: str) -> str:

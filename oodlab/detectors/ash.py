@@ -37,7 +37,7 @@ def kept_count(n: int, percentile: float) -> int:
 def ash(x: Tensor, percentile: float, variant: str) -> Tensor:
     """Shape each row of ``x`` (N, n) with ASH-``variant`` ("p", "b" or "s"); returns a new float64 tensor."""
     x = x.double().reshape(x.shape[0], -1)
-    k = kept_count(x.shape[1], percentile)
+    k = kept_count(int(x.shape[1]), percentile)
     if k < 1:
         raise ValueError(f"percentile {percentile} keeps no activation of {x.shape[1]}; use a smaller percentile")
     values, idx = torch.topk(x, k, dim=1)
@@ -57,6 +57,7 @@ class _ASH(Detector):
     """Shared ASH machinery; subclasses fix the variant and the paper's default percentile."""
 
     variant: ClassVar[str]
+    needs_train = False  # ASH is per-sample shaping: no ID statistics
 
     def __init__(self, percentile: float, feature_map: bool = False) -> None:
         super().__init__()
@@ -76,11 +77,13 @@ class _ASH(Detector):
         self._check_fitted()
         if self.feature_map:
             return feats.logits
-        shaped = ash(feats.z, self.percentile, self.variant)
-        return F.linear(shaped, self.weight.double(), self.bias.double())
+        return self._shaped_logits(feats.z)
 
-    def _score(self, feats: Features) -> Tensor:
-        return energy(self.logits(feats))
+    def _shaped_logits(self, z: Tensor) -> Tensor:
+        return F.linear(ash(z, self.percentile, self.variant), self.weight.double(), self.bias.double())
+
+    def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
+        return energy(self._shaped_logits(z))
 
     @torch.no_grad()
     def score_inputs(self, model: Classifier, x: Tensor) -> Tensor:

@@ -8,6 +8,13 @@ Learned state is a flat ``dict[str, Tensor]`` saved as safetensors + JSON, never
 Most detectors read only cached :class:`~oodlab.features.Features` and the head (``needs =
 "features"``). The few that must see the input (``needs = "model"``) implement
 :meth:`Detector.score_inputs` and are run batch by batch through :func:`score_with_model`.
+A detector that learns nothing from ID training features beyond the head says so with
+``needs_train = False``; the runner then never extracts the training set for it.
+
+Feature-path detectors whose score is plain tensor arithmetic implement
+:meth:`Detector.tensor_score` (one batch of ``z`` and logits in, scores out, no Python branching on
+the data): :meth:`Detector.score` runs it chunk by chunk, and a guard exports it into one ONNX /
+TorchScript graph. The others say why in ``export_refusal``.
 """
 
 from __future__ import annotations
@@ -29,12 +36,16 @@ from ..features import Features
 from ..models.adapter import Classifier, inference_input
 from ..runtime import default_device, progress
 
-__all__ = ["Detector", "NotFittedError", "REGISTRY", "register", "create", "available", "load_detector",
+__all__ = ["Detector", "NotFittedError", "ExportError", "REGISTRY", "register", "create", "available", "load_detector",
            "score_with_model", "energy"]
 
 
 class NotFittedError(RuntimeError):
     """``score`` was called before ``fit``."""
+
+
+class ExportError(ValueError):
+    """The detector's score is not tensor arithmetic that an exported graph can hold."""
 
 
 def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -47,19 +58,29 @@ class Detector(ABC):
 
     name: ClassVar[str]
     needs: ClassVar[str] = "features"
+    needs_train: ClassVar[bool] = True  # False: fit reads only the head, so no training features are needed
+    score_chunk: ClassVar[int] = 65536  # rows per call of tensor_score in score(): bounds memory, not results
 
     def __init__(self) -> None:
         self.state: dict[str, Tensor] = {}
 
     # -- public contract ----------------------------------------------------------------------
-    def fit(self, train: Features, head: nn.Linear) -> Self:
-        """Learn ID statistics from ``train`` (ID training features) and the classifier's ``head``."""
-        _check_features(train, "training features")
-        if head.in_features != train.z.shape[1]:
-            raise ValueError(f"head expects {head.in_features}-d features but z is {train.z.shape[1]}-d")
+    def fit(self, train: Features | None, head: nn.Linear) -> Self:
+        """Learn ID statistics from ``train`` (ID training features) and the classifier's ``head``.
+
+        ``train`` may be None for detectors with ``needs_train = False``.
+        """
+        if train is None:
+            if self.needs_train:
+                raise ValueError(f"{self.name} learns from ID training features: pass them to fit")
+        else:
+            _check_features(train, "training features")
+            if head.in_features != train.z.shape[1]:
+                raise ValueError(f"head expects {head.in_features}-d features but z is {train.z.shape[1]}-d")
         self.state = {"weight": head.weight.detach().float().cpu().clone(),
                       "bias": (head.bias.detach() if head.bias is not None else torch.zeros(head.out_features)).float().cpu().clone()}
-        self._fit(train)
+        if train is not None:
+            self._fit(train)
         return self
 
     def score(self, feats: Features) -> Tensor:
@@ -78,6 +99,19 @@ class Detector(ABC):
     def logits(self, feats: Features) -> Tensor:
         """Logits this method classifies with (differs from the model's when it edits z or the head)."""
         return feats.logits
+
+    def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
+        """Scores of one batch as tensor arithmetic (what :meth:`score` runs per chunk and a guard exports)."""
+        raise ExportError(f"{self.name} cannot be exported: {self.export_refusal}")
+
+    @property
+    def export_refusal(self) -> str | None:
+        """Why this detector cannot be exported as tensor arithmetic, or None when it can."""
+        if self.needs == "model":
+            return "it must see the input image, not only the features"
+        if type(self).tensor_score is Detector.tensor_score:
+            return "its score is not plain tensor arithmetic"
+        return None
 
     def score_inputs(self, model: Classifier, x: Tensor) -> Tensor:
         """Scores for a batch of inputs ``x`` (only for ``needs = "model"`` detectors)."""
@@ -125,7 +159,11 @@ class Detector(ABC):
         """Learn extra state from ID training features (default: nothing beyond the head)."""
 
     def _score(self, feats: Features) -> Tensor:
-        raise TypeError(f"{type(self).__name__} must implement _score or score_inputs")
+        """Default: :meth:`tensor_score` over chunks of :attr:`score_chunk` rows."""
+        if type(self).tensor_score is Detector.tensor_score:
+            raise TypeError(f"{type(self).__name__} must implement tensor_score, _score or score_inputs")
+        n = self.score_chunk
+        return torch.cat([self.tensor_score(feats.z[i:i + n], feats.logits[i:i + n]) for i in range(0, len(feats), n)])
 
     def _check_fitted(self) -> None:
         if not self.fitted:

@@ -64,11 +64,14 @@ class DICE(Detector):
 
     def logits(self, feats: Features) -> Tensor:
         self._check_fitted()
-        masked = self.weight.double() * self.state["mask"]
-        return F.linear(self._clipped(feats.z), masked, self.bias.double())
+        return self._masked_logits(feats.z)
 
-    def _score(self, feats: Features) -> Tensor:
-        return energy(self.logits(feats))
+    def _masked_logits(self, z: Tensor) -> Tensor:
+        masked = self.weight.double() * self.state["mask"]
+        return F.linear(self._clipped(z), masked, self.bias.double())
+
+    def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
+        return energy(self._masked_logits(z))
 
 
 @register
@@ -91,4 +94,4 @@ class DICEReAct(DICE):
         self.state["clip"] = torch.tensor([activation_percentile(train.z, self.react_percentile)], dtype=torch.float64)
 
     def _clipped(self, z: Tensor) -> Tensor:
-        return z.double().clamp(max=float(self.state["clip"]))
+        return z.double().clamp(max=self.state["clip"])

@@ -48,6 +48,7 @@ Deviations from the official code, all deliberate:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,12 +64,12 @@ from ..features import Features
 from ..runtime import default_device, progress
 from .base import Detector, register
 
-__all__ = ["FlowDensity", "build_flow", "initialize_actnorm", "FLOW_KINDS", "NORMALIZATIONS"]
+__all__ = ["FlowDensity", "build_flow", "glow_steps", "glow_log_prob", "initialize_actnorm", "FLOW_KINDS", "NORMALIZATIONS"]
 
 FLOW_KINDS = ("glow", "realnvp", "maf")
 NORMALIZATIONS = ("l2", "standard", "none")
 _EPS = 1e-6  # ActNorm's and the standardisation's guard against zero variance (dead units)
-_SCORE_CHUNK = 8192
+_STAT_CHUNK = 8192
 
 
 class _ActNorm(LazyTransform):
@@ -191,6 +192,50 @@ def build_flow(kind: str, features: int, blocks: int) -> Flow:
     return Flow(layers, base)
 
 
+Step = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def glow_steps(flow: Flow) -> list[Step]:
+    """The default flow's blocks, feature side to base, as plain tensor maps ``x -> (y, log|det J|)``.
+
+    The same function as ``flow().log_prob`` builds from zuko transforms, but each LU mixing is
+    one dense matrix (its two triangular solves applied to the identity, once), so the whole
+    density is matrix products and element-wise maps: fast, and exportable to ONNX.
+    """
+    steps: list[Step] = []
+    for layer in flow.transform.transforms:
+        if isinstance(layer, _AffineCoupling):
+            idx_a, idx_b = layer.mask.nonzero().squeeze(-1), (~layer.mask).nonzero().squeeze(-1)
+            merge = torch.argsort(torch.cat([idx_a, idx_b]))
+
+            def coupling(x: Tensor, layer=layer, idx_a=idx_a, idx_b=idx_b, merge=merge) -> tuple[Tensor, Tensor]:
+                x_a, x_b = x[:, idx_a], x[:, idx_b]
+                s = layer.s(x_a)
+                return torch.cat([x_a, (x_b - layer.t(x_a)) * torch.exp(-s)], 1)[:, merge], -s.sum(1)
+
+            steps.append(coupling)
+        elif isinstance(layer, _LUMixing):
+            transform = layer()
+            dense = transform(torch.eye(len(layer.order), dtype=layer.lower.dtype)).detach()
+            ladj = transform.ladj.detach()
+            steps.append(lambda x, dense=dense, ladj=ladj: (x @ dense, ladj.expand(x.shape[0])))
+        elif isinstance(layer, _ActNorm):
+            steps.append(lambda x, layer=layer: ((x - layer.shift) * torch.exp(-layer.log_scale),
+                                                 (-layer.log_scale.sum()).expand(x.shape[0])))
+        else:
+            raise TypeError(f"not a block of the default flow: {type(layer).__name__}")
+    return steps
+
+
+def glow_log_prob(steps: list[Step], x: Tensor) -> Tensor:
+    """``log p(x)`` under a standard-normal base after ``steps`` (see :func:`glow_steps`)."""
+    total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for step in steps:
+        x, ladj = step(x)
+        total = total + ladj
+    return total - 0.5 * (x.square().sum(1) + x.shape[1] * math.log(2 * math.pi))
+
+
 @torch.no_grad()
 def initialize_actnorm(flow: Flow, x: Tensor) -> None:
     """Data-dependent init of every ActNorm in ``flow``, passing the batch ``x`` through it in order."""
@@ -213,6 +258,7 @@ class FlowDensity(Detector):
     """
 
     name = "flow"
+    score_chunk = 8192
 
     def __init__(self, epochs: int = 1, batch_size: int = 250, lr: float = 1e-4, blocks: int = 10,
                  kind: str = "glow", normalize: str = "l2", seed: int = 0) -> None:
@@ -237,6 +283,7 @@ class FlowDensity(Detector):
         self.normalize = normalize
         self.seed = int(seed)
         self._flow: Flow | None = None
+        self._steps: list[Step] | None = None
 
     @property
     def train_nll(self) -> list[float]:
@@ -246,7 +293,7 @@ class FlowDensity(Detector):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> Self:
         super().load_state_dict(state)
-        self._flow = None
+        self._flow, self._steps = None, None
         return self
 
     # -- fitting ------------------------------------------------------------------------------
@@ -291,13 +338,13 @@ class FlowDensity(Detector):
         flow = flow.cpu().eval()
         self.state.update({f"flow.{k}": v.detach().clone() for k, v in flow.state_dict().items()})
         self.state["train_nll"] = torch.tensor(history, dtype=torch.float64)
-        self._flow = flow.double()
+        self._flow, self._steps = flow.double().requires_grad_(False), None
 
     def _fit_standardization(self, z: Tensor) -> None:
         total = torch.zeros(z.shape[1], dtype=torch.float64)
         squares = torch.zeros_like(total)
-        for i in range(0, len(z), _SCORE_CHUNK):
-            chunk = z[i:i + _SCORE_CHUNK].double()
+        for i in range(0, len(z), _STAT_CHUNK):
+            chunk = z[i:i + _STAT_CHUNK].double()
             total += chunk.sum(0)
             squares += chunk.square().sum(0)
         mean = total / len(z)
@@ -319,14 +366,27 @@ class FlowDensity(Detector):
             with torch.random.fork_rng(devices=[]):
                 flow = build_flow(self.kind, self.weight.shape[1], self.blocks)
             flow.load_state_dict({k[len("flow."):]: v for k, v in self.state.items() if k.startswith("flow.")})
-            self._flow = flow.eval().double()
+            self._flow = flow.eval().double().requires_grad_(False)
         return self._flow
 
     @torch.no_grad()
+    def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
+        """``log p(z)``; the default flow runs as dense tensor maps (:func:`glow_steps`), zuko's kinds through zuko."""
+        x = self._normalized(z)
+        if self.kind != "glow":
+            return self._module()().log_prob(x)
+        if self._steps is None:
+            self._steps = glow_steps(self._module())
+        return glow_log_prob(self._steps, x)
+
+    @property
+    def export_refusal(self) -> str | None:
+        if self.kind != "glow":
+            return f"flow kind {self.kind!r} runs through zuko's transforms; export supports kind='glow' (the default)"
+        return super().export_refusal
+
     def _score(self, feats: Features) -> Tensor:
-        dist = self._module()()
-        scores = torch.cat([dist.log_prob(self._normalized(feats.z[i:i + _SCORE_CHUNK]))
-                            for i in range(0, len(feats), _SCORE_CHUNK)])
+        scores = super()._score(feats)
         bad = ~torch.isfinite(scores)
         if bad.any():
             raise RuntimeError(f"the flow gave a NaN/inf log-density to {int(bad.sum())} of {len(scores)} samples; "

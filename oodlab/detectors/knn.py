@@ -27,6 +27,8 @@ class KNN(Detector):
     train). Search is exact (faiss ``IndexFlatL2``). The official code scores with faiss' squared
     distance; we take its square root, which changes no ranking and so no metric. faiss marks a
     missing neighbour with id -1; that is checked and raises instead of giving a silent score.
+    :meth:`tensor_score` is the same exact search as dense tensor arithmetic (the bank is a constant
+    of the graph), which is what an exported guard runs.
     """
 
     name = "knn"
@@ -48,6 +50,13 @@ class KNN(Detector):
         if len(z) < self.k:
             raise ValueError(f"k={self.k} needs at least {self.k} training features, got {len(z)}; lower k")
         self.state["bank"] = l2_normalise(z).contiguous()
+
+    def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
+        bank = self.state["bank"]
+        q = l2_normalise(z)
+        d2 = q.square().sum(1, keepdim=True) + bank.square().sum(1)[None, :] - 2 * q @ bank.T
+        kth = torch.topk(d2, self.k, dim=1, largest=False).values[:, -1]
+        return -kth.double().clamp(min=0).sqrt()
 
     def _score(self, feats: Features) -> Tensor:
         bank = self.state["bank"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..features import Features
 from .base import Detector, energy, register
 
 __all__ = ["MSP", "MaxLogit", "Energy"]
@@ -13,6 +12,8 @@ __all__ = ["MSP", "MaxLogit", "Energy"]
 
 class _Tempered(Detector):
     """A logit score with a softmax temperature (must be > 0)."""
+
+    needs_train = False
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
@@ -31,8 +32,8 @@ class MSP(_Tempered):
 
     name = "msp"
 
-    def _score(self, feats: Features) -> Tensor:
-        return torch.softmax(feats.logits.double() / self.temperature, dim=1).max(dim=1).values
+    def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
+        return torch.softmax(logits.double() / self.temperature, dim=1).max(dim=1).values
 
 
 @register
@@ -40,9 +41,10 @@ class MaxLogit(Detector):
     """The largest logit (Hendrycks et al. 2022)."""
 
     name = "maxlogit"
+    needs_train = False
 
-    def _score(self, feats: Features) -> Tensor:
-        return feats.logits.double().max(dim=1).values
+    def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
+        return logits.double().max(dim=1).values
 
 
 @register
@@ -51,5 +53,5 @@ class Energy(_Tempered):
 
     name = "energy"
 
-    def _score(self, feats: Features) -> Tensor:
-        return energy(feats.logits, self.temperature)
+    def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
+        return energy(logits, self.temperature)

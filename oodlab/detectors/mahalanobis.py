@@ -65,13 +65,9 @@ class Mahalanobis(Detector):
         self.state["means"] = means
         self.state["precision"] = torch.linalg.pinv(cov, hermitian=True)
 
-    def _score(self, feats: Features) -> Tensor:
+    def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
         means, prec = self.state["means"], self.state["precision"]
         mpm = ((means @ prec) * means).sum(1)
-        out = []
-        for i in range(0, len(feats), CHUNK):
-            z = feats.z[i : i + CHUNK].double()
-            zp = z @ prec
-            d = (zp * z).sum(1, keepdim=True) - 2 * zp @ means.T + mpm[None, :]
-            out.append(-d.clamp(min=0).min(1).values)
-        return torch.cat(out)
+        zp = z.double() @ prec
+        d = (zp * z.double()).sum(1, keepdim=True) - 2 * zp @ means.T + mpm[None, :]
+        return -d.clamp(min=0).min(1).values

@@ -31,6 +31,7 @@ class ODIN(Detector):
 
     name = "odin"
     needs = "model"
+    needs_train = False
 
     def __init__(self, temperature: float = 1000.0, eps: float = 0.0014) -> None:
         super().__init__()

@@ -61,7 +61,10 @@ class ReAct(Detector):
 
     def logits(self, feats: Features) -> Tensor:
         self._check_fitted()
-        return F.linear(feats.z.double().clamp(max=self.clip), self.weight.double(), self.bias.double())
+        return self._clipped_logits(feats.z)
 
-    def _score(self, feats: Features) -> Tensor:
-        return energy(self.logits(feats))
+    def _clipped_logits(self, z: Tensor) -> Tensor:
+        return F.linear(z.double().clamp(max=self.state["clip"]), self.weight.double(), self.bias.double())
+
+    def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
+        return energy(self._clipped_logits(z))

@@ -59,7 +59,7 @@ class ViM(Detector):
             max_logit_sum = max_logit_sum + F.linear(z, w, b).max(1).values.sum()
         self.state["alpha"] = max_logit_sum / norm_sum
 
-    def _score(self, feats: Features) -> Tensor:
-        z = feats.z.double()
+    def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
+        z = z.double()
         virtual = ((z - self.state["origin"]) @ self.state["residual"]).norm(dim=1) * self.state["alpha"]
         return energy(F.linear(z, self.weight.double(), self.bias.double())) - virtual

@@ -18,7 +18,8 @@ from torch import nn
 
 from .adapter import Classifier
 
-__all__ = ["build", "ARCHS", "save_checkpoint", "load_checkpoint", "checkpoint_fingerprint", "CheckpointError"]
+__all__ = ["build", "ARCHS", "save_checkpoint", "load_checkpoint", "checkpoint_fingerprint", "state_fingerprint",
+           "CheckpointError"]
 
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -139,4 +140,14 @@ def checkpoint_fingerprint(path: str | Path) -> str:
     with open(Path(path).with_suffix(".safetensors"), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    return h.hexdigest()[:16]
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    """Content hash of a model's weights and buffers in memory (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]

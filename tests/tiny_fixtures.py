@@ -1,4 +1,4 @@
-"""A tiny classifier and its features on random 8x8 images, shared by the detector tests."""
+"""A tiny classifier and its features on random 8x8 images, shared by the detector and guard tests."""
 
 from dataclasses import dataclass
 

@@ -1,0 +1,290 @@
+"""The guard: a classifier, a fitted detector and an ID calibration, as one object and one folder.
+
+``Guard(model, detector, input_shape).calibrate(id_val, alpha=0.05)`` turns OOD scores into
+decisions with a guaranteed false-alarm rate (see :mod:`oodlab.guard.conformal`). The calibration
+set must be held-out ID data that neither the classifier nor the detector was fitted on: scores of
+training images are more confident than those of new ID images, so calibrating on them would
+flag more than alpha of new ID inputs.
+
+A saved guard is data, not code: ``guard.json`` (detector name and config, rule, input
+preprocessing, model fingerprint, a SHA-256 of every other file), ``detector.safetensors/.json``,
+``calibration.safetensors`` and, for oodlab architectures, the model checkpoint itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from typing_extensions import Self
+
+from ..data.base import ImageSet
+from ..detectors.base import Detector, load_detector, score_with_model
+from ..features import Features, extract
+from ..models.adapter import Classifier, inference_input
+from ..models.zoo import load_checkpoint, save_checkpoint, state_fingerprint
+from ..runtime import default_device
+from .conformal import (FlagRateReport, benjamini_hochberg, flag_rate_test, p_values, rank_for_alpha, rank_for_tpr,
+                        sorted_calibration)
+
+__all__ = ["Guard", "GuardOutput", "GuardError"]
+
+FORMAT = 1
+
+
+class GuardError(ValueError):
+    """A guard folder is missing, incomplete or altered, or a guard is used before calibration."""
+
+
+@dataclass(frozen=True)
+class GuardOutput:
+    """Per input: the model's logits and class, the OOD score (higher = more ID), p-value and flag."""
+
+    logits: Tensor
+    pred: Tensor
+    score: Tensor
+    p_value: Tensor
+    is_ood: Tensor
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+
+class Guard:
+    """Guard a classifier: flag inputs whose detector score is too low for the ID calibration data.
+
+    ``input_shape`` is (channels, height, width) of the images the model takes, in [0, 1] (the
+    classifier normalises them itself). The reported logits and class are the model's own; the
+    detector only decides the flag.
+    """
+
+    def __init__(self, model: Classifier, detector: Detector, input_shape: Sequence[int],
+                 model_meta: dict[str, Any] | None = None, device: torch.device | str | None = None) -> None:
+        if not detector.fitted:
+            raise GuardError(f"{detector.name} is not fitted: fit it on ID training features before guarding")
+        shape = tuple(int(v) for v in input_shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
+        self.model, self.detector, self.input_shape = model.eval(), detector, shape
+        self.model_meta = dict(model_meta) if model_meta else None
+        self.device = torch.device(device) if device is not None else default_device()
+        self.calibration: Tensor | None = None  # sorted float64 ID scores
+        self.rule: dict[str, float] = {}
+        self.k = 0
+        self._fast: Classifier | None = None
+
+    # -- calibration ----------------------------------------------------------------------------
+    def calibrate(self, id_val: ImageSet | Features | Tensor, alpha: float | None = None,
+                  tpr: float | None = None) -> Self:
+        """Store the scores of held-out ID data and the rule: ``alpha`` (default 0.05) or ``tpr``.
+
+        ``id_val`` is an :class:`ImageSet`, its :class:`Features`, or the detector's scores on it.
+        """
+        if alpha is not None and tpr is not None:
+            raise ValueError("give alpha (false-alarm rate) or tpr (fraction of ID accepted), not both")
+        scores = id_val if isinstance(id_val, Tensor) else self._scores(id_val)[1]
+        cal = sorted_calibration(scores)
+        if tpr is not None:
+            self.k, self.rule = rank_for_tpr(len(cal), tpr), {"tpr": float(tpr)}
+        else:
+            alpha = 0.05 if alpha is None else alpha
+            self.k, self.rule = rank_for_alpha(len(cal), alpha), {"alpha": float(alpha)}
+        self.calibration = cal
+        return self
+
+    @property
+    def threshold(self) -> float:
+        """The score below which an input is flagged: the k-th smallest calibration score."""
+        return float(self._calibrated()[self.k - 1])
+
+    def _calibrated(self) -> Tensor:
+        if self.calibration is None:
+            raise GuardError("the guard is not calibrated: call calibrate(id_val, alpha=...) first")
+        return self.calibration
+
+    # -- decisions ------------------------------------------------------------------------------
+    def decide(self, logits: Tensor, scores: Tensor, fdr: float | None = None) -> GuardOutput:
+        """Decisions from the model's logits and the detector's scores (BH over the batch when ``fdr``)."""
+        cal = self._calibrated()
+        p = p_values(cal, scores)
+        flags = benjamini_hochberg(p, fdr) if fdr is not None else ~(scores.double() >= self.threshold)
+        return GuardOutput(logits, logits.argmax(1), scores.double(), p, flags)
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, fdr: float | None = None) -> GuardOutput:
+        """Decisions for a batch of images ``x`` (N, C, H, W) in [0, 1]."""
+        self._check_batch(x)
+        if self._fast is None:
+            self._fast = self.model.for_inference().to(self.device)
+        xd = inference_input(x, self.device)
+        z = self._fast.features(xd)
+        logits = self._fast.head(z).float().cpu()
+        if self.detector.needs == "model":
+            scores = self.detector.score_inputs(self._fast, xd).double().cpu()
+        else:
+            scores = self.detector.score(Features(z.float().cpu(), logits))
+        return self.decide(logits, scores, fdr)
+
+    def predict(self, images: ImageSet | Features, fdr: float | None = None) -> GuardOutput:
+        """Decisions for a whole data set (its features are extracted in batches)."""
+        logits, scores = self._scores(images)
+        return self.decide(logits, scores, fdr)
+
+    def flag_rate_report(self, stream: ImageSet | Features | Tensor, level: float = 0.01) -> FlagRateReport:
+        """Realised flag rate on presumed-ID inputs (images, features or the detector's scores) vs the promise.
+
+        A small p-value (``report.drift``) means the stream is no longer exchangeable with the
+        calibration data: the false-alarm guarantee has stopped holding; recalibrate.
+        """
+        scores = stream if isinstance(stream, Tensor) else self._scores(stream)[1]
+        flags = ~(scores.double() >= self.threshold)
+        return flag_rate_test(flags, len(self._calibrated()), self.k, level)
+
+    def _scores(self, data: ImageSet | Features) -> tuple[Tensor, Tensor]:
+        if isinstance(data, Features):
+            if self.detector.needs == "model":
+                raise ValueError(f"{self.detector.name} must see the images: pass an ImageSet, not features")
+            return data.logits, self.detector.score(data)
+        if not isinstance(data, ImageSet):
+            raise TypeError(f"expected an ImageSet or Features, got {type(data).__name__}")
+        if len(data) == 0:
+            raise ValueError(f"{data.name} is empty")
+        first = data.dataset[0][0]
+        if tuple(first.shape) != self.input_shape:
+            raise ValueError(f"{data.name} has images of shape {tuple(first.shape)}; this guard's model takes "
+                             f"{self.input_shape} (channels, height, width)")
+        feats = extract(self.model, data, device=self.device)
+        if self.detector.needs == "model":
+            return feats.logits, score_with_model(self.detector, self.model, data, device=self.device)
+        return feats.logits, self.detector.score(feats)
+
+    def _check_batch(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 4:
+            raise ValueError(f"expected a float tensor of images (N, C, H, W), got "
+                             f"{type(x).__name__} {getattr(x, 'dtype', '')} {tuple(getattr(x, 'shape', ()))}")
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"images of shape {tuple(x.shape[1:])}; this guard's model takes {self.input_shape} "
+                             "(channels, height, width): resize / convert them first")
+        if len(x) == 0:
+            raise ValueError("the batch is empty")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{int((~torch.isfinite(x)).flatten(1).any(1).sum())} images contain NaN or inf values")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(f"pixel values lie in [{lo:.3g}, {hi:.3g}]; the guard takes images in [0, 1] and "
+                             "normalises them itself (divide uint8 images by 255, do not standardise)")
+
+    # -- one folder -----------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write the guard into ``directory`` atomically (a crash leaves the old folder or none)."""
+        cal = self._calibrated()
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            self.detector.save(tmp / "detector")
+            save_file({"scores": cal.contiguous()}, str(tmp / "calibration.safetensors"))
+            model_file = None
+            if self.model_meta and "arch" in self.model_meta:
+                save_checkpoint(self.model, tmp / "model", self.model_meta)
+                model_file = "model.safetensors"
+            info = {
+                "format": FORMAT, "detector": self.detector.name, "config": self.detector.config(),
+                "rule": self.rule, "k": self.k, "n_calibration": len(cal), "threshold": self.threshold,
+                "input_shape": list(self.input_shape),
+                "preprocessing": {"range": [0, 1], "mean": self.model.mean.flatten().tolist(),
+                                  "std": self.model.std.flatten().tolist(),
+                                  "resize": "shorter side to the input size, then centre crop"},
+                "model": {"fingerprint": state_fingerprint(self.model), "meta": self.model_meta, "file": model_file},
+                "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
+            }
+            (tmp / "guard.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+            _replace_dir(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: Classifier | None = None,
+             device: torch.device | str | None = None) -> "Guard":
+        """Read a guard folder; refuses altered files and a model that is not the one it was built with.
+
+        ``model`` is needed only for guards of models that are not oodlab architectures.
+        """
+        directory = Path(directory)
+        info = _read_info(directory)
+        for name, digest in info["files"].items():
+            path = directory / name
+            if not path.is_file():
+                raise GuardError(f"guard folder {directory} lacks {name}; rebuild it with `oodlab guard build`")
+            if _sha256(path) != digest:
+                raise GuardError(f"{path} was altered or truncated (checksum mismatch); rebuild the guard "
+                                 "with `oodlab guard build`")
+        try:
+            detector = load_detector(directory / "detector")
+            cal = load_file(str(directory / "calibration.safetensors"))["scores"]
+        except (SafetensorError, KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
+            raise GuardError(f"guard folder {directory} is unreadable ({exc}); rebuild it") from exc
+        if model is None:
+            if not info["model"].get("file"):
+                raise GuardError(f"the guard in {directory} was saved without its model (not an oodlab "
+                                 "architecture): pass model= to Guard.load")
+            model, _ = load_checkpoint(directory / info["model"]["file"])
+        if state_fingerprint(model) != info["model"]["fingerprint"]:
+            raise GuardError(f"this model's weights (fingerprint {state_fingerprint(model)}) are not those the guard "
+                             f"in {directory} was calibrated for ({info['model']['fingerprint']}); rebuild the guard "
+                             "for this model")
+        guard = cls(model, detector, info["input_shape"], info["model"].get("meta"), device)
+        guard.calibration, guard.rule, guard.k = cal.double(), dict(info["rule"]), int(info["k"])
+        return guard
+
+    def export(self, path: str | Path, format: str = "onnx") -> Path:
+        """One model file whose forward maps images in [0, 1] to ``(logits, score, p_value, is_ood)``."""
+        from .export import export_guard
+
+        return export_guard(self, Path(path), format)
+
+
+_REQUIRED = ("format", "detector", "rule", "k", "input_shape", "model", "files")
+
+
+def _read_info(directory: Path) -> dict[str, Any]:
+    meta = directory / "guard.json"
+    if not meta.is_file():
+        raise GuardError(f"{directory} is not a guard folder (no guard.json); build one with `oodlab guard build`")
+    try:
+        info = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GuardError(f"{meta} is not valid JSON ({exc}); rebuild the guard") from exc
+    missing = [k for k in _REQUIRED if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise GuardError(f"{meta} lacks {', '.join(missing)}; rebuild the guard with `oodlab guard build`")
+    if info["format"] != FORMAT:
+        raise GuardError(f"{meta} has format {info['format']}; this oodlab reads format {FORMAT}")
+    return info
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder ``src`` to ``dst``, replacing an old one with two renames."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+    src.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

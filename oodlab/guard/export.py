@@ -1,0 +1,84 @@
+"""A guard as one model file: ONNX (run with onnxruntime) or TorchScript (``torch.jit.load``).
+
+The graph is preprocess -> features -> head -> detector score -> p-value -> flag, with the
+detector's state and the calibration scores folded in as constants, so the deployed artefact
+computes what the tested guard computes. Only detectors whose score is tensor arithmetic
+(:meth:`~oodlab.detectors.base.Detector.tensor_score`) export; the others are refused by name.
+
+Inputs are a float32 batch (N, C, H, W) in [0, 1] with the guard's C, H, W (N is free). The graph
+cannot raise, so an input with NaN gets a NaN score and is flagged (``is_ood`` is ``not score >=
+threshold``); validate inputs before the call where that matters.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from ..detectors.base import ExportError
+
+if TYPE_CHECKING:
+    from .core import Guard
+
+__all__ = ["GuardGraph", "export_guard", "FORMATS"]
+
+FORMATS = ("onnx", "torchscript")
+OUTPUTS = ("logits", "score", "p_value", "is_ood")
+
+
+class GuardGraph(nn.Module):
+    """``images -> (logits, score, p_value, is_ood)`` for one calibrated guard (float32 in, float64 scores)."""
+
+    def __init__(self, guard: Guard) -> None:
+        super().__init__()
+        det = guard.detector
+        if (reason := det.export_refusal) is not None:
+            raise ExportError(f"{det.name} cannot be exported: {reason}")
+        self.model = guard.model.for_inference().cpu()
+        self.detector = det
+        self.register_buffer("calibration", guard._calibrated().clone())
+        self.register_buffer("threshold", torch.tensor(guard.threshold, dtype=torch.float64))
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        z = self.model.features(images)
+        logits = self.model.head(z)
+        score = self.detector.tensor_score(z, logits)
+        count = (self.calibration[None, :] <= score[:, None]).sum(1)
+        p_value = (count + 1).double() / (self.calibration.shape[0] + 1)
+        return logits, score, p_value, ~(score >= self.threshold)
+
+
+def export_guard(guard: Guard, path: Path, format: str = "onnx") -> Path:
+    """Write ``guard`` as one ``format`` file at ``path`` (atomically) and return the path."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    graph = GuardGraph(guard).eval().requires_grad_(False)
+    example = torch.rand(2, *guard.input_shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporters' notes on tracing; the result is checked by the tests
+        if format == "torchscript":
+            torch.jit.save(torch.jit.trace(graph, (example,), check_trace=False), str(tmp))
+        else:
+            _onnx(graph, example, tmp)
+    tmp.replace(path)
+    return path
+
+
+def _onnx(graph: GuardGraph, example: Tensor, path: Path) -> None:
+    try:
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+    except ImportError as exc:
+        raise ExportError("ONNX export needs the deploy extra: pip install 'oodlab[deploy]'") from exc
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+        program = torch.onnx.export(graph, (example,), dynamo=True, input_names=["images"], output_names=list(OUTPUTS),
+                                    dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, verbose=False)
+    program.save(str(path), external_data=False)
