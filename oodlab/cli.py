@@ -72,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="evaluate detectors on a suite and write a results folder")
     _common(b)
     b.add_argument("--detectors", help="comma-separated names (default: every registered detector)")
-    b.add_argument("--checkpoint", help="classifier checkpoint (default: oodlab's default model, trained if missing)")
+    b.add_argument("--checkpoint", help="classifier checkpoint (default: oodlab's shipped default model for the suite)")
+    b.add_argument("--retrain", action="store_true",
+                   help="train the default model with the default recipe (cached) instead of using the shipped one")
     b.add_argument("--param", action="append", metavar="DET.KEY=VALUE", help="detector parameter, e.g. ash-b.percentile=65")
     b.add_argument("--out", help="results folder (default: runs/<suite>-<date>); re-using one resumes")
     b.add_argument("--batch-size", type=int, default=512)
@@ -90,6 +92,27 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--out", required=True, help="CSV path (file, score)")
     s.add_argument("--device")
+
+    g = sub.add_parser("guard", help="calibrated OOD flags for a deployed model: build, check images, export")
+    gs = g.add_subparsers(dest="guard_cmd", required=True)
+    gb = gs.add_parser("build", help="fit a detector, calibrate it on held-out ID data, save the guard folder")
+    _common(gb)
+    gb.add_argument("detector")
+    gb.add_argument("--checkpoint", help="classifier checkpoint (default: oodlab's default model for the suite)")
+    rule = gb.add_mutually_exclusive_group()
+    rule.add_argument("--alpha", type=float, help="false-alarm rate on ID inputs, guaranteed (default 0.05)")
+    rule.add_argument("--tpr", type=float, help="fraction of calibration ID inputs to accept instead")
+    gb.add_argument("--param", action="append", metavar="KEY=VALUE", help="detector parameter (repeatable)")
+    gb.add_argument("--out", required=True, help="guard folder to write")
+    gc = gs.add_parser("check", help="flag the images of a folder; writes CSV (file, class, score, p_value, is_ood)")
+    gc.add_argument("guard_dir")
+    gc.add_argument("images", help="folder of images")
+    gc.add_argument("--out", required=True, help="CSV path")
+    gc.add_argument("--device")
+    ge = gs.add_parser("export", help="write the guard as one ONNX or TorchScript model")
+    ge.add_argument("guard_dir")
+    ge.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    ge.add_argument("--out", help="model file (default: GUARD_DIR/guard.onnx or guard.pt)")
 
     r = sub.add_parser("report", help="regenerate reports from saved runs (no model needed)")
     r.add_argument("runs", nargs="+", help="results folders of `oodlab bench`")
@@ -123,7 +146,7 @@ def _bench(a: argparse.Namespace) -> None:
     from .bench import run_bench
 
     run_bench(a.suite, a.detectors, a.checkpoint, a.out, _detector_params(a.param), a.data_root, a.batch_size,
-              a.device, command=shlex.join(["oodlab", *a.argv]))
+              a.device, command=shlex.join(["oodlab", *a.argv]), retrain=a.retrain)
 
 
 def _fit(a: argparse.Namespace) -> None:
@@ -162,6 +185,25 @@ def _score(a: argparse.Namespace) -> None:
     print(f"scored {len(scores)} images with {det.name} (higher = more in-distribution) -> {a.out}")
 
 
+def _guard(a: argparse.Namespace) -> None:
+    from .guard import Guard
+    from .guard.build import build_guard, check_folder
+
+    if a.guard_cmd == "build":
+        guard = build_guard(a.detector, a.suite, a.checkpoint, a.alpha, a.tpr, _pairs(a.param, "--param"),
+                            a.data_root, a.device)
+        rule = ", ".join(f"{k} = {v}" for k, v in guard.rule.items())
+        print(f"guard for {guard.detector.name} ({rule}) calibrated on {guard.calibration_source}: "
+              f"flag when score < {guard.threshold:.6g} -> {guard.save(a.out)}")
+    elif a.guard_cmd == "check":
+        out = check_folder(Guard.load(a.guard_dir, device=a.device), a.images, a.out)
+        print(f"{int(out.is_ood.sum())} of {len(out)} images flagged as out-of-distribution -> {a.out}")
+    else:
+        path = a.out or f"{a.guard_dir}/guard.{'onnx' if a.format == 'onnx' else 'pt'}"
+        print(f"exported {Guard.load(a.guard_dir).export(path, a.format)} "
+              "(input: images (N, C, H, W) in [0, 1]; outputs: logits, score, p_value, is_ood)")
+
+
 def _report(a: argparse.Namespace) -> None:
     from .bench.html import load_run, write_report
     from .bench.report import write_tables
@@ -184,7 +226,9 @@ def _list(_: argparse.Namespace) -> None:
     print("detectors:")
     for name in sorted(REGISTRY):
         det = REGISTRY[name]()
-        print(f"  {name:14s} {json.dumps(det.config())}  needs {det.needs}")
+        export = "exports" if det.export_refusal is None else f"no export ({det.export_refusal})"
+        train = "" if det.needs_train else ", no training features"
+        print(f"  {name:14s} {json.dumps(det.config())}  needs {det.needs}{train}; {export}")
     print("training:   " + ", ".join(sorted(OBJECTIVES)))
     print("archs:      " + ", ".join(ARCHS))
 
@@ -193,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     args.argv = argv
-    handlers = {"train": _train, "bench": _bench, "fit": _fit, "score": _score, "report": _report, "list": _list}
+    handlers = {"train": _train, "bench": _bench, "fit": _fit, "score": _score, "guard": _guard, "report": _report,
+                "list": _list}
     try:
         handlers[args.cmd](args)
     except (ValueError, FileNotFoundError, TypeError) as exc:

@@ -52,13 +52,16 @@ def run_bench(suite: str | Suite = "fashionmnist", detectors: str | list[str] | 
               checkpoint: str | Path | None = None, out_dir: str | Path | None = None,
               params: dict[str, dict[str, Any]] | None = None, data_root: str | Path | None = None,
               batch_size: int = 512, device: str | None = None, command: str | None = None,
-              verbose: bool = True) -> list[dict[str, Any]]:
+              verbose: bool = True, retrain: bool = False) -> list[dict[str, Any]]:
     """Evaluate ``detectors`` on ``suite`` with ``checkpoint`` (default: oodlab's default model for
-    the suite, trained on first use) and write results into ``out_dir``. Returns the result rows."""
+    the suite: the shipped one, or with ``retrain`` one trained with the default recipe on first
+    use) and write results into ``out_dir``. Returns the result rows."""
     suite_obj = suite if isinstance(suite, Suite) else load_suite(suite, data_root)
     dets = parse_detectors(detectors, params)
     if checkpoint is None:
-        checkpoint = default_checkpoint(suite_obj, device=device, verbose=verbose)
+        checkpoint = default_checkpoint(suite_obj, device=device, verbose=verbose, retrain=retrain)
+    elif retrain:
+        raise ValueError("--retrain trains the default model; it cannot be combined with --checkpoint")
     model, meta = load_checkpoint(checkpoint, device or "cpu")
     if model.num_classes != suite_obj.num_classes:
         raise ValueError(f"checkpoint {checkpoint} has {model.num_classes} classes but suite "

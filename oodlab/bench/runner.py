@@ -2,7 +2,9 @@
 
 Features of every data set are extracted once (and cached on disk), then every detector runs on
 them, so a sweep of N detectors costs one forward pass per data set, not N. Detectors that must
-see the input (``needs = "model"``) go back to the model for the evaluation sets only.
+see the input (``needs = "model"``) go back to the model for the evaluation sets only. A data set
+no detector of the run reads is not extracted at all: the ID training set only when some detector
+fits on it (``needs_train``), the OOD sets only when some detector scores features.
 
 Each finished detector appends its rows to ``results.jsonl`` and its per-sample scores to
 ``scores/<key>.npz``; a re-run with the same output folder skips what is already there, so an
@@ -43,10 +45,12 @@ class BenchContext:
     batch_size: int = 512
     device: torch.device | str | None = None
 
-    def features(self) -> tuple[Features, Features, dict[str, Features]]:
-        """(ID train, ID test, {OOD name: features}), from the cache when possible."""
+    def features(self, train: bool = True, ood: bool = True) -> tuple[Features | None, Features, dict[str, Features | None]]:
+        """(ID train, ID test, {OOD name: features}), from the cache when possible; ``train`` / ``ood``
+        False leave those sets unextracted (None). ID test is always read: it gives the ID accuracy."""
         get = lambda data: self.cache.get(self.model, self.model_id, data, self.batch_size, self.device)  # noqa: E731
-        return get(self.suite.id_train), get(self.suite.id_test), {k: get(v) for k, v in self.suite.ood.items()}
+        return (get(self.suite.id_train) if train else None, get(self.suite.id_test),
+                {k: get(v) if ood else None for k, v in self.suite.ood.items()})
 
 
 def detector_key(det: Detector) -> str:
@@ -74,9 +78,10 @@ def load_scores(out_dir: Path, key: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def _score(det: Detector, ctx: BenchContext, feats: Features, data) -> torch.Tensor:
+def _score(det: Detector, ctx: BenchContext, feats: Features | None, data) -> torch.Tensor:
     if det.needs == "model":
         return score_with_model(det, ctx.model, data, min(ctx.batch_size, 256), ctx.device)
+    assert feats is not None
     return det.score(feats)
 
 
@@ -87,17 +92,19 @@ def run_detectors(ctx: BenchContext, detectors: list[Detector]) -> list[dict[str
     done = {(r["key"], r["model_id"]) for r in load_rows(out)}
     todo = [d for d in detectors if (detector_key(d), ctx.model_id) not in done]
     if todo:
-        train, test, oods = ctx.features()
+        train, test, oods = ctx.features(train=any(d.needs_train for d in todo),
+                                         ood=any(d.needs == "features" for d in todo))
         for det in progress(todo, desc="detectors", unit="detector", leave=True):
             _run_one(ctx, det, train, test, oods)
     keys = {detector_key(d) for d in detectors}
     return [r for r in load_rows(out) if r["key"] in keys and r["model_id"] == ctx.model_id]
 
 
-def _run_one(ctx: BenchContext, det: Detector, train: Features, test: Features, oods: dict[str, Features]) -> None:
+def _run_one(ctx: BenchContext, det: Detector, train: Features | None, test: Features,
+             oods: dict[str, Features | None]) -> None:
     key = detector_key(det)
     t0 = time.perf_counter()
-    det.fit(train, ctx.model.head)
+    det.fit(train if det.needs_train else None, ctx.model.head)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     scores = {"id": _score(det, ctx, test, ctx.suite.id_test).numpy()}

@@ -32,9 +32,20 @@ class Suite:
     num_classes: int
     input_shape: tuple[int, int, int]
     aux: ImageSet | None = field(default=None)
+    id_val: ImageSet | None = field(default=None)  # held-out ID data for calibration, where the suite has it
 
     def group_of(self, ood_name: str) -> str:
         return next(g for g, names in self.groups.items() if ood_name in names)
+
+    def calibration_split(self, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+        """(calibration, evaluation) ID sets that neither the model nor a detector was fitted on.
+
+        ``id_val`` and ``id_test`` where the suite has a validation split; else a seeded random half
+        of ``id_test`` and the other half.
+        """
+        if self.id_val is not None:
+            return self.id_val, self.id_test
+        return self.id_test.split(len(self.id_test) // 2, seed)
 
 
 SUITES: dict[str, Callable[..., Suite]] = {}

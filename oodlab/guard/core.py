@@ -80,6 +80,7 @@ class Guard:
         self.model_meta = dict(model_meta) if model_meta else None
         self.device = torch.device(device) if device is not None else default_device()
         self.calibration: Tensor | None = None  # sorted float64 ID scores
+        self.calibration_source = ""  # what the calibration scores came from (recorded in guard.json)
         self.rule: dict[str, float] = {}
         self.k = 0
         self._fast: Classifier | None = None
@@ -101,6 +102,8 @@ class Guard:
             alpha = 0.05 if alpha is None else alpha
             self.k, self.rule = rank_for_alpha(len(cal), alpha), {"alpha": float(alpha)}
         self.calibration = cal
+        self.calibration_source = (f"{id_val.name} ({len(id_val)} images, fingerprint {id_val.fingerprint})"
+                                   if isinstance(id_val, ImageSet) else f"{type(id_val).__name__} of {len(cal)} inputs")
         return self
 
     @property
@@ -202,6 +205,7 @@ class Guard:
             info = {
                 "format": FORMAT, "detector": self.detector.name, "config": self.detector.config(),
                 "rule": self.rule, "k": self.k, "n_calibration": len(cal), "threshold": self.threshold,
+                "calibration_source": self.calibration_source,
                 "input_shape": list(self.input_shape),
                 "preprocessing": {"range": [0, 1], "mean": self.model.mean.flatten().tolist(),
                                   "std": self.model.std.flatten().tolist(),
@@ -247,6 +251,7 @@ class Guard:
                              "for this model")
         guard = cls(model, detector, info["input_shape"], info["model"].get("meta"), device)
         guard.calibration, guard.rule, guard.k = cal.double(), dict(info["rule"]), int(info["k"])
+        guard.calibration_source = info.get("calibration_source", "")
         return guard
 
     def export(self, path: str | Path, format: str = "onnx") -> Path:

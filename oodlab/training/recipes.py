@@ -13,10 +13,25 @@ from ..models.zoo import build, load_checkpoint
 from ..runtime import cache_dir, seed_everything
 from .loop import TrainConfig, train
 
-__all__ = ["DEFAULT_ARCH", "default_config", "default_checkpoint", "train_on_suite"]
+__all__ = ["DEFAULT_ARCH", "SHIPPED", "default_config", "default_checkpoint", "shipped_checkpoint", "shipped_name",
+           "train_on_suite"]
 
 DEFAULT_ARCH = {"fashionmnist": "smallcnn", "fashionmnist-split": "smallcnn", "cifar10": "resnet18-cifar",
                 "cifar100": "resnet18-cifar"}
+
+
+#: Default models that travel inside the package (made by benchmarks/default_models.py).
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "weights"
+
+
+def shipped_name(suite: str) -> str:
+    return f"{suite}-{DEFAULT_ARCH.get(suite, 'smallcnn')}"
+
+
+def shipped_checkpoint(suite: str) -> Path | None:
+    """The default model shipped for ``suite`` (trained with the default recipe), or None if there is none."""
+    path = SHIPPED / f"{shipped_name(suite)}.safetensors"
+    return path if path.is_file() and path.with_suffix(".json").is_file() else None
 
 
 def default_config(suite: str, **overrides: Any) -> TrainConfig:
@@ -57,9 +72,13 @@ def train_on_suite(suite: str | Suite, out_dir: str | Path, method: str = "erm",
     return ckpt
 
 
-def default_checkpoint(suite: Suite, device: str | torch.device | None = None, verbose: bool = True) -> Path:
-    """oodlab's default model for ``suite`` (cached under the oodlab cache); trained on first use."""
-    run = cache_dir() / "models" / f"{suite.name}-{DEFAULT_ARCH.get(suite.name, 'smallcnn')}-seed0"
+def default_checkpoint(suite: Suite, device: str | torch.device | None = None, verbose: bool = True,
+                       retrain: bool = False) -> Path:
+    """oodlab's default model for ``suite``: the shipped one, else (or with ``retrain``) one trained on
+    first use with the default recipe into the oodlab cache."""
+    if not retrain and (shipped := shipped_checkpoint(suite.name)) is not None:
+        return shipped
+    run = cache_dir() / "models" / f"{shipped_name(suite.name)}-seed0"
     ckpt = run / "last.safetensors"
     cfg = default_config(suite.name)
     if ckpt.exists() and (run / f"epoch-{cfg.epochs:03d}.safetensors").exists():

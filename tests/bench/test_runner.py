@@ -33,7 +33,7 @@ def test_sweep_extracts_each_set_once(trained, tmp_path):
     ctx = BenchContext(suite, model, "m", tmp_path / "out", cache, batch_size=32, device="cpu")
     dets = [create("msp"), create("energy"), create("maxlogit")]
     rows = run_detectors(ctx, dets)
-    assert cache.extractions == 4  # train, test, two OOD sets: once each for three detectors
+    assert cache.extractions == 3  # test and two OOD sets once each; no detector here fits on the training set
     assert len(rows) == 3 * 2 and {r["ood"] for r in rows} == {"noise", "stripes"}
     assert {r["group"] for r in rows if r["ood"] == "stripes"} == {"near"}
     s = load_scores(tmp_path / "out", rows[0]["key"])
@@ -53,10 +53,26 @@ def test_resume_skips_finished_detectors(trained, tmp_path):
     cache2 = FeatureCache(tmp_path / "c2")  # an empty cache: any extraction would show
     rows = run_detectors(BenchContext(suite, model, "m", out, cache2, device="cpu"), [create("msp"), create("energy")])
     assert (out / "results.jsonl").read_text().startswith(before)
-    assert len(rows) == 4 and cache2.extractions == 4  # only energy needed features
+    assert len(rows) == 4 and cache2.extractions == 3  # only energy needed features (not the training set's)
     again = run_detectors(BenchContext(suite, model, "m", out, FeatureCache(tmp_path / "c3"), device="cpu"),
                           [create("msp"), create("energy")])
     assert again == rows
+
+
+@pytest.mark.parametrize("names,extracted", [(["energy"], {"tiny-test", "noise", "stripes"}),
+                                             (["odin"], {"tiny-test"}),
+                                             (["odin", "knn"], {"tiny-train", "tiny-test", "noise", "stripes"})])
+def test_only_the_sets_a_detector_reads_are_extracted(trained, tmp_path, monkeypatch, names, extracted):
+    suite, model, _ = trained
+    import oodlab.features as features
+
+    seen = []
+    real = features.extract
+    monkeypatch.setattr(features, "extract", lambda m, data, *a, **k: seen.append(data.name) or real(m, data, *a, **k))
+    ctx = BenchContext(suite, model, "m", tmp_path / "out", FeatureCache(tmp_path / "c"), device="cpu")
+    rows = run_detectors(ctx, [create(n) for n in names])
+    assert set(seen) == extracted and len(seen) == len(extracted)
+    assert len(rows) == 2 * len(names) and all(0 <= r["auroc"] <= 1 for r in rows)
 
 
 def test_truncated_jsonl_line_is_ignored(tmp_path):

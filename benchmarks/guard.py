@@ -1,0 +1,202 @@
+"""The guard on the default model: false alarms, OOD flag rates, exported = Python, and latency.
+
+    python benchmarks/guard.py [--suite fashionmnist] [--alpha 0.05] [--splits 50] [--threads 1]
+
+1. Flag rates per detector at ``--alpha``: each detector is fitted on ID train, calibrated on a
+   seeded half of the ID test set and evaluated on the other half (the ID false-alarm rate) and on
+   every OOD set (the fraction of OOD inputs caught). The ID rate is averaged over ``--splits``
+   random calibration/evaluation splits (mean and sd), the OOD rates too.
+2. Export check: every exportable detector's guard written as ONNX (run by onnxruntime, CPU) and
+   TorchScript, run over the ID test and OOD sets: largest score difference relative to the
+   score scale, and the number of flags that differ from the Python guard's.
+3. Latency of the guarded model against the bare model (logits only), batch 1 and 256, on
+   ``--threads`` CPU threads: eager PyTorch, TorchScript and ONNX Runtime; medians of interleaved
+   repeats. "OOD part" = guarded / bare - 1.
+
+Writes the "guard" section of docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from results_doc import write_section
+
+LATENCY_DETECTORS = ("energy", "react", "ash-s", "dice", "mahalanobis", "vim", "knn", "flow")
+
+
+def _images(data) -> torch.Tensor:
+    return torch.stack([data.dataset[i][0] for i in range(len(data))])
+
+
+class _Bare(nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model.for_inference()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+
+def _export_bare(model, shape, folder: Path) -> tuple[Path, Path]:
+    bare = _Bare(model).eval().requires_grad_(False)
+    x = torch.rand(2, *shape)
+    ts = folder / "bare.pt"
+    torch.jit.save(torch.jit.trace(bare, (x,)), str(ts))
+    onnx = folder / "bare.onnx"
+    prog = torch.onnx.export(bare, (x,), dynamo=True, input_names=["images"], output_names=["logits"],
+                             dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, verbose=False)
+    prog.save(str(onnx), external_data=False)
+    return ts, onnx
+
+
+def _runners(eager: nn.Module, ts: Path, onnx: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx), opts, providers=["CPUExecutionProvider"])
+    scripted = torch.jit.load(str(ts))
+    return {"eager": lambda x: eager(x), "torchscript": lambda x: scripted(x),
+            "onnxruntime": lambda x: session.run(None, {"images": x.numpy()})}
+
+
+def _median_pair(bare, guarded, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median seconds per call of ``bare`` and ``guarded``, interleaved so that load hits both alike."""
+    for _ in range(3):
+        bare(x), guarded(x)
+    tb, tg = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        bare(x)
+        tb.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        guarded(x)
+        tg.append(time.perf_counter() - t0)
+    return statistics.median(tb), statistics.median(tg)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", default="fashionmnist")
+    ap.add_argument("--alpha", type=float, default=0.05)
+    ap.add_argument("--splits", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+
+    import onnxruntime as ort
+
+    from oodlab.data import load_suite
+    from oodlab.detectors import available, create
+    from oodlab.features import FeatureCache
+    from oodlab.guard import Guard
+    from oodlab.models import checkpoint_fingerprint, load_checkpoint
+    from oodlab.training.recipes import default_checkpoint
+
+    suite = load_suite(args.suite)
+    ckpt = default_checkpoint(suite)
+    model, meta = load_checkpoint(ckpt)
+    cache, mid = FeatureCache(), checkpoint_fingerprint(ckpt)
+    train, test = cache.get(model, mid, suite.id_train), cache.get(model, mid, suite.id_test)
+    oods = {k: cache.get(model, mid, v) for k, v in suite.ood.items()}
+    names = [n for n in available() if create(n).export_refusal is None]
+    n_test, half = len(test), len(test) // 2
+
+    # 1. flag rates ---------------------------------------------------------------------------
+    rate_rows, guards = [], {}
+    for name in names:
+        det = create(name).fit(train, model.head)
+        s_id = det.score(test)
+        s_ood = {k: det.score(f) for k, f in oods.items()}
+        id_rates, ood_rates = [], {k: [] for k in oods}
+        for seed in range(args.splits):
+            perm = torch.randperm(n_test, generator=torch.Generator().manual_seed(seed))
+            guard = Guard(model, det, suite.input_shape, meta, "cpu").calibrate(s_id[perm[:half]], alpha=args.alpha)
+            id_rates.append(float((s_id[perm[half:]] < guard.threshold).double().mean()))
+            for k, s in s_ood.items():
+                ood_rates[k].append(float((s < guard.threshold).double().mean()))
+            if seed == 0:
+                guards[name] = guard
+        cells = [f"{100 * np.mean(v):.1f}" for v in ood_rates.values()]
+        rate_rows.append(f"| {name} | {100 * np.mean(id_rates):.2f} ± {100 * np.std(id_rates):.2f} | "
+                         + " | ".join(cells) + f" | {100 * np.mean([np.mean(v) for v in ood_rates.values()]):.1f} |")
+    ood_names = list(oods)
+    rates = "\n".join([f"| detector | ID flagged (%), mean ± sd | {' | '.join(ood_names)} | OOD mean |",
+                       "|---|---|" + "---|" * len(ood_names) + "---|", *rate_rows])
+
+    # 2. exported = Python ----------------------------------------------------------------------
+    x_eval = {"id": _images(suite.id_test), **{k: _images(v) for k, v in suite.ood.items()}}
+    check_rows, files = [], {}
+    tmp = Path(tempfile.mkdtemp(prefix="oodlab-guard-bench-"))
+    for name in names:
+        guard = guards[name]
+        onnx_path, ts_path = guard.export(tmp / f"{name}.onnx"), guard.export(tmp / f"{name}.pt", "torchscript")
+        files[name] = (ts_path, onnx_path)
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        scripted = torch.jit.load(str(ts_path))
+        worst = {"onnx": 0.0, "ts": 0.0}
+        flips = {"onnx": 0, "ts": 0}
+        for key, x in x_eval.items():
+            want = guard.decide(test.logits if key == "id" else oods[key].logits,
+                                guard.detector.score(test if key == "id" else oods[key]))
+            scale = float(want.score.abs().mean())
+            chunks = x.split(1000)
+            runs = (("onnx", [session.run(None, {"images": c.numpy()}) for c in chunks]),
+                    ("ts", [[t.numpy() for t in scripted(c)] for c in chunks]))
+            for tag, parts in runs:
+                out = [np.concatenate([p[i] for p in parts]) for i in range(4)]
+                worst[tag] = max(worst[tag], float(np.abs(out[1] - want.score.numpy()).max()) / scale)
+                flips[tag] += int((out[3] != want.is_ood.numpy()).sum())
+        check_rows.append(f"| {name} | {worst['onnx']:.1e} | {flips['onnx']} | {worst['ts']:.1e} | {flips['ts']} |")
+    n_eval = sum(len(x) for x in x_eval.values())
+    check = "\n".join(["| detector | ONNX Runtime: max score diff / mean abs score | flags differing | "
+                       "TorchScript: max diff / scale | flags differing |", "|---|---|---|---|---|", *check_rows])
+
+    # 3. latency --------------------------------------------------------------------------------
+    bare_ts, bare_onnx = _export_bare(model, suite.input_shape, tmp)
+    bare = _runners(_Bare(model).eval().requires_grad_(False), bare_ts, bare_onnx, args.threads)
+    lat_rows = []
+    from oodlab.guard.export import GuardGraph
+
+    with torch.no_grad():
+        for name in LATENCY_DETECTORS:
+            guarded = _runners(GuardGraph(guards[name]).eval().requires_grad_(False), *files[name], args.threads)
+            cells = []
+            for batch, repeats in ((1, 300), (256, 30)):
+                x = x_eval["id"][:batch].contiguous()
+                for runtime in ("eager", "torchscript", "onnxruntime"):
+                    tb, tg = _median_pair(bare[runtime], guarded[runtime], x, repeats)
+                    cells.append(f"{1e3 * tb:.2f} / {1e3 * tg:.2f} ({100 * (tg / tb - 1):+.0f}%)")
+            lat_rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    head = [f"{rt} b{b}" for b in (1, 256) for rt in ("eager", "TorchScript", "ONNX Runtime")]
+    latency = "\n".join(["| detector | " + " | ".join(head) + " |", "|---|" + "---|" * len(head), *lat_rows])
+
+    body = (f"Default model `{Path(ckpt).name}` (fingerprint {mid}), suite `{args.suite}`, alpha = {args.alpha}. "
+            f"Each detector is fitted on ID train ({len(train)}), calibrated on a random half of ID test "
+            f"({half}) and evaluated on the other half and on every OOD set; {args.splits} random splits.\n\n"
+            f"### False alarms on held-out ID and OOD inputs caught (%)\n\nThe guarantee is ID flagged <= "
+            f"{100 * args.alpha:g}% on average over splits (exactly floor(alpha (n+1))/(n+1) = "
+            f"{100 * np.floor(args.alpha * (half + 1)) / (half + 1):.2f}% under exchangeability).\n\n{rates}\n\n"
+            f"### Exported guard = Python guard ({n_eval} inputs: ID test and every OOD set)\n\n{check}\n\n"
+            f"### Latency, ms per batch: bare model / guarded model (OOD part), {args.threads} CPU thread(s)\n\n"
+            f"{latency}\n")
+    print(body)
+    write_section("guard", f"Guard on {args.suite}: false alarms, flag rates, export, latency",
+                  f"python benchmarks/guard.py --suite {args.suite} --alpha {args.alpha} --splits {args.splits} "
+                  f"--threads {args.threads}", body)
+
+
+if __name__ == "__main__":
+    main()
