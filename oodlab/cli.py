@@ -7,6 +7,7 @@ import ast
 import json
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -41,9 +42,32 @@ def _detector_params(items: list[str] | None) -> dict[str, dict[str, Any]]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suite", default="fashionmnist", help="benchmark suite (see `oodlab list`)")
+    p.add_argument("--suite", default="fashionmnist", help="suite name (see `oodlab list`) or a suite .toml file")
+    p.add_argument("--id-train", help="your own data: ID training images (class folders or an image list)")
+    p.add_argument("--id-test", help="your own data: ID test images (class folders or an image list)")
+    p.add_argument("--id-val", help="your own data: held-out ID images for calibration (optional)")
+    p.add_argument("--ood", action="append", metavar="GROUP:NAME=PATH", help="your own data: an OOD set, "
+                   "e.g. far:textures=/data/dtd (repeatable)")
     p.add_argument("--data-root", help="folder with data sets (else $OODLAB_DATA, then Debian's location)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+
+
+def _model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--model", "--checkpoint", dest="model", required=required,
+                   help="an oodlab checkpoint, torchvision:NAME or timm:NAME"
+                        + ("" if required else " (default: oodlab's shipped default model for the suite)"))
+    p.add_argument("--weights", help="state-dict file for torchvision:/timm: models (safetensors or .pth)")
+
+
+def _data_spec(a: argparse.Namespace):
+    from .specs import SuiteFlags
+
+    given = [f for f in ("id_train", "id_test") if getattr(a, f)]
+    if not given and not a.ood and not a.id_val:
+        return a.suite
+    if len(given) < 2:
+        raise ValueError("your own data needs both --id-train and --id-test (and at least one --ood)")
+    return SuiteFlags(a.id_train, a.id_test, a.ood or [], a.id_val)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train or fine-tune a classifier (checkpoint each epoch, resumable)")
     _common(t)
+    t.add_argument("--fit-subset", type=int, help="train on a seeded random subset of this many ID images")
     t.add_argument("--method", default="erm", help="training method (see `oodlab list`)")
     t.add_argument("--arch", help="architecture for training from scratch (default: the suite's)")
     t.add_argument("--from", dest="init_from", help="checkpoint to fine-tune instead of training from scratch")
@@ -72,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="evaluate detectors on a suite and write a results folder")
     _common(b)
     b.add_argument("--detectors", help="comma-separated names (default: every registered detector)")
-    b.add_argument("--checkpoint", help="classifier checkpoint (default: oodlab's shipped default model for the suite)")
+    _model_args(b)
+    b.add_argument("--fit-subset", type=int, help="fit on a seeded random subset of this many ID training images")
     b.add_argument("--retrain", action="store_true",
                    help="train the default model with the default recipe (cached) instead of using the shipped one")
     b.add_argument("--param", action="append", metavar="DET.KEY=VALUE", help="detector parameter, e.g. ash-b.percentile=65")
@@ -82,15 +108,17 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit one detector on a suite's ID training features and save it")
     _common(f)
     f.add_argument("detector")
-    f.add_argument("--checkpoint", required=True)
+    _model_args(f)
+    f.add_argument("--fit-subset", type=int, help="fit on a seeded random subset of this many ID training images")
     f.add_argument("--param", action="append", metavar="KEY=VALUE")
     f.add_argument("--out", required=True, help="file prefix for the fitted detector (.safetensors + .json)")
 
     s = sub.add_parser("score", help="score a folder of images with a fitted detector; writes CSV")
     s.add_argument("detector_file", help="a detector saved by `oodlab fit`")
     s.add_argument("images", help="folder of images")
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--out", required=True, help="CSV path (file, score)")
+    _model_args(s, required=True)
+    s.add_argument("--out", required=True, help="CSV path (file, score, error)")
+    s.add_argument("--strict", action="store_true", help="refuse the folder if an image cannot be read")
     s.add_argument("--device")
 
     g = sub.add_parser("guard", help="calibrated OOD flags for a deployed model: build, check images, export")
@@ -98,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     gb = gs.add_parser("build", help="fit a detector, calibrate it on held-out ID data, save the guard folder")
     _common(gb)
     gb.add_argument("detector")
-    gb.add_argument("--checkpoint", help="classifier checkpoint (default: oodlab's default model for the suite)")
+    _model_args(gb)
+    gb.add_argument("--fit-subset", type=int, help="fit on a seeded random subset of this many ID training images")
     rule = gb.add_mutually_exclusive_group()
     rule.add_argument("--alpha", type=float, help="false-alarm rate on ID inputs, guaranteed (default 0.05)")
     rule.add_argument("--tpr", type=float, help="fraction of calibration ID inputs to accept instead")
@@ -108,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("guard_dir")
     gc.add_argument("images", help="folder of images")
     gc.add_argument("--out", required=True, help="CSV path")
+    gc.add_argument("--strict", action="store_true", help="refuse the folder if an image cannot be read")
     gc.add_argument("--device")
     ge = gs.add_parser("export", help="write the guard as one ONNX or TorchScript model")
     ge.add_argument("guard_dir")
@@ -132,57 +162,66 @@ def _train(a: argparse.Namespace) -> None:
         overrides["augment"] = False
     options = _pairs(a.option, "--option")
     options.update({k: v for k, v in {"aux": a.aux, "constraint": a.constraint}.items() if v is not None})
-    out = a.out or f"runs/train-{a.suite}-{a.method}-seed{a.seed}"
+    data = _data_spec(a)
+    suite = data
+    if not isinstance(data, str) or data.endswith(".toml"):  # the user's data, read as the architecture takes it
+        import dataclasses
+
+        from .models.loaders import arch_preprocessing
+        from .specs import resolve_suite
+
+        if a.init_from is None and a.arch is None:
+            raise ValueError("training on your own data needs --arch (see `oodlab list`) or --from CHECKPOINT")
+        if a.track_ood:
+            raise ValueError("--track-ood works with the built-in suites only")
+        arch = a.arch or json.loads(Path(a.init_from).with_suffix(".json").read_text())["arch"]
+        suite = resolve_suite(data, arch_preprocessing(arch), a.data_root)
+        if a.fit_subset:
+            suite = dataclasses.replace(suite, id_train=suite.id_train.subset(a.fit_subset, a.seed))
+    elif a.fit_subset:
+        raise ValueError("--fit-subset with a built-in suite: train on the full set, or describe a subset in a suite file")
+    name = suite if isinstance(suite, str) else suite.name
+    out = a.out or f"runs/train-{name}-{a.method}-seed{a.seed}"
     hooks = None
     if a.track_ood:
         from .training.tracking import track_ood_hook
 
         hooks = [track_ood_hook(a.suite, a.data_root, a.device, run_dir=out)]
-    train_on_suite(a.suite, out, method=a.method, arch=a.arch, config=default_config(a.suite, **overrides),
+    train_on_suite(suite, out, method=a.method, arch=a.arch, config=default_config(name, **overrides),
                    init_from=a.init_from, method_options=options, hooks=hooks, data_root=a.data_root, device=a.device)
 
 
 def _bench(a: argparse.Namespace) -> None:
     from .bench import run_bench
 
-    run_bench(a.suite, a.detectors, a.checkpoint, a.out, _detector_params(a.param), a.data_root, a.batch_size,
-              a.device, command=shlex.join(["oodlab", *a.argv]), retrain=a.retrain)
+    run_bench(_data_spec(a), a.detectors, a.model, a.out, _detector_params(a.param), a.data_root, a.batch_size,
+              a.device, command=shlex.join(["oodlab", *a.argv]), retrain=a.retrain, weights=a.weights,
+              fit_subset=a.fit_subset)
 
 
 def _fit(a: argparse.Namespace) -> None:
-    from .data.suites import load_suite
     from .detectors import create
     from .features import FeatureCache
-    from .models import checkpoint_fingerprint, load_checkpoint
+    from .specs import resolve
 
-    model, _ = load_checkpoint(a.checkpoint, a.device or "cpu")
-    suite = load_suite(a.suite, a.data_root)
     det = create(a.detector, **_pairs(a.param, "--param"))
+    loaded, suite = resolve(a.model, _data_spec(a), a.weights, a.data_root, a.device, a.fit_subset)
     if det.needs == "model":
         print(f"note: {det.name} also needs the model when scoring", file=sys.stderr)
-    train = FeatureCache().get(model, checkpoint_fingerprint(a.checkpoint), suite.id_train, device=a.device)
-    path = det.fit(train, model.head).save(a.out)
+    train = FeatureCache().get(loaded.model, loaded.model_id, suite.id_train, device=a.device) if det.needs_train else None
+    path = det.fit(train, loaded.model.head).save(a.out)
     print(f"saved {det!r} to {path}")
 
 
 def _score(a: argparse.Namespace) -> None:
-    import csv
+    from .detectors import load_detector
+    from .models.loaders import load_model
+    from .scoring import score_folder
 
-    from .data.sources import folder
-    from .detectors import load_detector, score_with_model
-    from .features import extract
-    from .models import load_checkpoint
-
-    model, meta = load_checkpoint(a.checkpoint, a.device or "cpu")
+    loaded = load_model(a.model, a.weights, a.device or "cpu")
     det = load_detector(a.detector_file)
-    data = folder.load(a.images, size=28 if meta["in_channels"] == 1 else 32, channels=meta["in_channels"])
-    scores = (score_with_model(det, model, data, device=a.device) if det.needs == "model"
-              else det.score(extract(model, data, device=a.device)))
-    with open(a.out, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["file", "score"])
-        w.writerows(zip(map(str, data.dataset.files), scores.tolist()))  # type: ignore[attr-defined]
-    print(f"scored {len(scores)} images with {det.name} (higher = more in-distribution) -> {a.out}")
+    n = score_folder(det, loaded, a.images, a.out, a.strict, a.device)
+    print(f"scored {n} images with {det.name} (higher = more in-distribution) -> {a.out}")
 
 
 def _guard(a: argparse.Namespace) -> None:
@@ -190,13 +229,13 @@ def _guard(a: argparse.Namespace) -> None:
     from .guard.build import build_guard, check_folder
 
     if a.guard_cmd == "build":
-        guard = build_guard(a.detector, a.suite, a.checkpoint, a.alpha, a.tpr, _pairs(a.param, "--param"),
-                            a.data_root, a.device)
+        guard = build_guard(a.detector, _data_spec(a), a.model, a.alpha, a.tpr, _pairs(a.param, "--param"),
+                            a.data_root, a.device, weights=a.weights, fit_subset=a.fit_subset)
         rule = ", ".join(f"{k} = {v}" for k, v in guard.rule.items())
         print(f"guard for {guard.detector.name} ({rule}) calibrated on {guard.calibration_source}: "
               f"flag when score < {guard.threshold:.6g} -> {guard.save(a.out)}")
     elif a.guard_cmd == "check":
-        out = check_folder(Guard.load(a.guard_dir, device=a.device), a.images, a.out)
+        out = check_folder(Guard.load(a.guard_dir, device=a.device), a.images, a.out, a.strict)
         print(f"{int(out.is_ood.sum())} of {len(out)} images flagged as out-of-distribution -> {a.out}")
     else:
         path = a.out or f"{a.guard_dir}/guard.{'onnx' if a.format == 'onnx' else 'pt'}"

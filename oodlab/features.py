@@ -17,22 +17,31 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .data.base import ImageSet, batches
+from .data.base import BROKEN, ImageSet, batches
 from .models.adapter import Classifier, inference_input
 from .runtime import cache_dir, default_device, progress
 
-__all__ = ["Features", "extract", "FeatureCache"]
+__all__ = ["Features", "extract", "FeatureCache", "UnreadableImagesError"]
 
 log = logging.getLogger(__name__)
 
 
+class UnreadableImagesError(ValueError):
+    """Some images of a data set could not be decoded and ``strict`` extraction was asked for."""
+
+
 @dataclass(frozen=True)
 class Features:
-    """Penultimate features ``z`` (N, D), ``logits`` (N, C) and ``labels`` (N,) or None for OOD data."""
+    """Penultimate features ``z`` (N, D), ``logits`` (N, C) and ``labels`` (N,) or None for OOD data.
+
+    ``skipped`` lists the indices (in the data set) of images that could not be read: their rows are
+    absent, so row ``i`` belongs to the ``i``-th readable item.
+    """
 
     z: Tensor
     logits: Tensor
     labels: Tensor | None = None
+    skipped: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.z.ndim != 2 or self.logits.ndim != 2 or self.z.shape[0] != self.logits.shape[0]:
@@ -52,8 +61,13 @@ class Features:
 
 
 @torch.no_grad()
-def extract(model: Classifier, data: ImageSet, batch_size: int = 512, device: torch.device | str | None = None) -> Features:
-    """Run ``model`` over ``data`` once (its fast inference copy, in eval mode), collecting z, logits and labels (on CPU)."""
+def extract(model: Classifier, data: ImageSet, batch_size: int = 512, device: torch.device | str | None = None,
+            strict: bool = False) -> Features:
+    """Run ``model`` over ``data`` once (its fast inference copy, in eval mode), collecting z, logits and labels (on CPU).
+
+    Images that cannot be decoded are skipped with a warning that counts them and names the first
+    (``Features.skipped``); with ``strict`` they raise :class:`UnreadableImagesError` instead.
+    """
     device = torch.device(device) if device is not None else default_device()
     fast = model.for_inference().to(device)
     zs, logits, labels = [], [], []
@@ -64,7 +78,18 @@ def extract(model: Classifier, data: ImageSet, batch_size: int = 512, device: to
         logits.append(fast.head(z).float().cpu())
         labels.append(torch.as_tensor(y).long())
     lab = torch.cat(labels)
-    return Features(torch.cat(zs), torch.cat(logits), lab if bool((lab >= 0).all()) else None)
+    z, out = torch.cat(zs), torch.cat(logits)
+    broken = (lab == BROKEN).nonzero().flatten()
+    if len(broken):
+        files = getattr(data.dataset, "files", None)
+        first = f"{files[int(broken[0])]}" if files is not None else f"item {int(broken[0])}"
+        msg = f"{len(broken)} of {len(lab)} images of {data.name} could not be read (first: {first})"
+        if strict:
+            raise UnreadableImagesError(f"{msg}; remove or repair them, or run without --strict to skip them")
+        log.warning("%s; they are skipped", msg)
+        keep = lab != BROKEN
+        z, out, lab = z[keep], out[keep], lab[keep]
+    return Features(z, out, lab if bool((lab >= 0).all()) else None, tuple(broken.tolist()))
 
 
 def _sha256(path: Path) -> str:
@@ -113,7 +138,7 @@ class FeatureCache:
             if info.get("sha256") != _sha256(tensors):
                 raise ValueError("checksum mismatch (corrupted file)")
             t = load_file(str(tensors))
-            feats = Features(t["z"], t["logits"], t.get("labels"))
+            feats = Features(t["z"], t["logits"], t.get("labels"), tuple(info.get("skipped", ())))
             if len(feats) != info.get("n"):
                 raise ValueError("length mismatch")
             return feats
@@ -131,4 +156,5 @@ class FeatureCache:
         tmp = tensors.with_suffix(".tmp")
         save_file(t, str(tmp))
         tmp.replace(tensors)
-        meta.write_text(json.dumps({"key": key, "sha256": _sha256(tensors), "n": len(feats)}, sort_keys=True))
+        meta.write_text(json.dumps({"key": key, "sha256": _sha256(tensors), "n": len(feats),
+                                    "skipped": list(feats.skipped)}, sort_keys=True))

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import random
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["default_device", "seed_everything", "cache_dir", "progress"]
+__all__ = ["default_device", "seed_everything", "cache_dir", "progress", "write_csv"]
 
 
 def default_device() -> torch.device:
@@ -39,3 +42,16 @@ def progress(iterable=None, **kwargs):
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """Write a CSV atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    tmp.replace(path)
+    return path

@@ -9,11 +9,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..data.suites import Suite, load_suite
 from ..detectors.base import Detector, available, create
 from ..features import FeatureCache
-from ..models.zoo import checkpoint_fingerprint, load_checkpoint
-from ..training.recipes import default_checkpoint
+from ..specs import DataSpec, resolve
 from .html import write_report
 from .report import format_summary, write_tables
 from .runner import BenchContext, run_detectors
@@ -48,32 +46,28 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def run_bench(suite: str | Suite = "fashionmnist", detectors: str | list[str] | None = None,
+def run_bench(suite: DataSpec = "fashionmnist", detectors: str | list[str] | None = None,
               checkpoint: str | Path | None = None, out_dir: str | Path | None = None,
               params: dict[str, dict[str, Any]] | None = None, data_root: str | Path | None = None,
               batch_size: int = 512, device: str | None = None, command: str | None = None,
-              verbose: bool = True, retrain: bool = False) -> list[dict[str, Any]]:
-    """Evaluate ``detectors`` on ``suite`` with ``checkpoint`` (default: oodlab's default model for
-    the suite: the shipped one, or with ``retrain`` one trained with the default recipe on first
-    use) and write results into ``out_dir``. Returns the result rows."""
-    suite_obj = suite if isinstance(suite, Suite) else load_suite(suite, data_root)
+              verbose: bool = True, retrain: bool = False, weights: str | Path | None = None,
+              fit_subset: int | None = None) -> list[dict[str, Any]]:
+    """Evaluate ``detectors`` on ``suite`` (see :func:`oodlab.specs.resolve`) with the model ``checkpoint``
+    (an oodlab checkpoint, ``torchvision:NAME`` or ``timm:NAME`` with ``weights``; default: oodlab's
+    shipped default model, or with ``retrain`` one trained with the default recipe on first use) and
+    write results into ``out_dir``. Returns the result rows."""
     dets = parse_detectors(detectors, params)
-    if checkpoint is None:
-        checkpoint = default_checkpoint(suite_obj, device=device, verbose=verbose, retrain=retrain)
-    elif retrain:
-        raise ValueError("--retrain trains the default model; it cannot be combined with --checkpoint")
-    model, meta = load_checkpoint(checkpoint, device or "cpu")
-    if model.num_classes != suite_obj.num_classes:
-        raise ValueError(f"checkpoint {checkpoint} has {model.num_classes} classes but suite "
-                         f"{suite_obj.name} has {suite_obj.num_classes}")
-    model_id = checkpoint_fingerprint(checkpoint)
+    loaded, suite_obj = resolve(checkpoint, suite, weights, data_root, device, fit_subset, retrain=retrain)
+    model, meta, model_id = loaded.model, loaded.meta, loaded.model_id
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"{suite_obj.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()
     ctx = BenchContext(suite_obj, model, model_id, out, FeatureCache(), batch_size, device)
     rows = run_detectors(ctx, dets)
     settings = {
-        "suite": suite_obj.name, "checkpoint": str(checkpoint), "model_id": model_id,
-        "model_meta": {k: meta.get(k) for k in ("arch", "num_classes", "in_channels", "epoch", "objective")},
+        "suite": suite_obj.name, "checkpoint": loaded.spec, "model_id": model_id,
+        "model_meta": {k: meta.get(k) for k in ("arch", "num_classes", "in_channels", "epoch", "objective", "source",
+                                                "weights") if k in meta},
+        "preprocessing": loaded.prep.describe(), "fit_subset": fit_subset,
         "data": {"id_train": suite_obj.id_train.fingerprint, "id_test": suite_obj.id_test.fingerprint,
                  **{k: v.fingerprint for k, v in suite_obj.ood.items()}},
         "groups": suite_obj.groups, "detectors": {d.name: d.config() for d in dets},

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import ImageSet
+from .preprocessing import Preprocessing
 from .sources import folder, photos
 from .suites import Suite
 
@@ -37,5 +38,5 @@ def aux_source(spec: str | Path | ImageSet | None, suite: Suite) -> ImageSet:
             raise ValueError(f"--aux {text!r}: write photos:N with N a whole number of crops, e.g. photos:20000")
         return photos.load(int(count) if count else 50_000, size=size, channels=channels)
     if Path(text).is_dir():
-        return folder.load(text, name=f"aux-{Path(text).name}", size=size, channels=channels)
+        return folder.load(text, name=f"aux-{Path(text).name}", prep=Preprocessing(size, channels))
     raise ValueError(f"unknown auxiliary source {text!r}: use 'photos', 'photos:N' or an existing folder of images")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -10,9 +11,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["ImageSet", "ArrayDataset", "DataMissingError", "batches", "tensor_fingerprint"]
+__all__ = ["ImageSet", "ArrayDataset", "DataMissingError", "batches", "tensor_fingerprint", "UNLABELED", "BROKEN"]
 
 UNLABELED = -1
+BROKEN = -2  # label of an item whose file could not be decoded (a black placeholder image)
 
 
 class DataMissingError(FileNotFoundError):
@@ -89,11 +91,24 @@ def tensor_fingerprint(*parts: Tensor | str) -> str:
     return h.hexdigest()[:16]
 
 
-def batches(data: ImageSet, batch_size: int, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(x, y)`` batches in order; slices in-memory sets directly (much faster than a DataLoader)."""
+def default_workers() -> int:
+    """DataLoader workers for decoding files: ``$OODLAB_WORKERS``, else the CPU count."""
+    return int(os.environ.get("OODLAB_WORKERS") or os.cpu_count() or 1)
+
+
+def batches(data: ImageSet, batch_size: int, workers: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(x, y)`` batches in order; slices in-memory sets directly (much faster than a DataLoader).
+
+    Files are decoded by ``workers`` DataLoader processes (default :func:`default_workers`; 0 = in
+    this process), each prefetching 4 batches, into pinned memory when a GPU will take them.
+    """
     ds = data.dataset
     if isinstance(ds, ArrayDataset):
         for i in range(0, len(ds), batch_size):
             yield ds.images[i : i + batch_size].float().div_(255), ds.labels[i : i + batch_size]
-    else:
-        yield from DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
+        return
+    workers = default_workers() if workers is None else workers
+    n_batches = (len(ds) + batch_size - 1) // batch_size
+    workers = min(workers, n_batches) if n_batches > 1 else 0  # a single batch gains nothing from a worker
+    yield from DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                          pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)

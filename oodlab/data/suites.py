@@ -15,6 +15,7 @@ import torch
 
 from .base import ArrayDataset, DataMissingError, ImageSet, tensor_fingerprint
 from .locate import search_roots
+from .preprocessing import Preprocessing
 from .sources import digits, fashion_mnist, folder, glyphs, noise, torchvision_sets
 
 __all__ = ["Suite", "load_suite", "SUITES", "register_suite"]
@@ -100,7 +101,7 @@ def _folder_set(name: str, data_root: str | Path | None) -> ImageSet:
     for root in search_roots(data_root):
         for cand in (root / name, root / "images_classic" / name):
             if cand.is_dir():
-                return folder.load(cand, name=name, size=32, channels=3)
+                return folder.load(cand, name=name, prep=Preprocessing(32, 3))
     raise DataMissingError(
         f"OOD set {name!r} not found: put its images in <data_root>/{name}/ (OpenOOD v1.5's "
         f"images_classic/{name} layout also works) and pass --data-root or set OODLAB_DATA"

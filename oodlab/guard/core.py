@@ -13,6 +13,7 @@ preprocessing, model fingerprint, a SHA-256 of every other file), ``detector.saf
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from torch import Tensor
 from typing_extensions import Self
 
 from ..data.base import ImageSet
+from ..data.preprocessing import Preprocessing
 from ..detectors.base import Detector, load_detector, score_with_model
 from ..features import Features, extract
 from ..models.adapter import Classifier, inference_input
@@ -49,13 +51,17 @@ class GuardError(ValueError):
 
 @dataclass(frozen=True)
 class GuardOutput:
-    """Per input: the model's logits and class, the OOD score (higher = more ID), p-value and flag."""
+    """Per input: the model's logits and class, the OOD score (higher = more ID), p-value and flag.
+
+    ``skipped``: indices of images of the data set that could not be read (they have no row).
+    """
 
     logits: Tensor
     pred: Tensor
     score: Tensor
     p_value: Tensor
     is_ood: Tensor
+    skipped: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.score)
@@ -65,17 +71,24 @@ class Guard:
     """Guard a classifier: flag inputs whose detector score is too low for the ID calibration data.
 
     ``input_shape`` is (channels, height, width) of the images the model takes, in [0, 1] (the
-    classifier normalises them itself). The reported logits and class are the model's own; the
-    detector only decides the flag.
+    classifier normalises them itself), or a :class:`Preprocessing` that also says how image files
+    are resized and cropped. The reported logits and class are the model's own; the detector only
+    decides the flag. ``model_meta`` lets :meth:`load` rebuild the model: an oodlab checkpoint's
+    metadata (the model then travels inside the folder) or ``{"source": "torchvision:NAME", "weights": FILE}``.
     """
 
-    def __init__(self, model: Classifier, detector: Detector, input_shape: Sequence[int],
+    def __init__(self, model: Classifier, detector: Detector, input_shape: Sequence[int] | Preprocessing,
                  model_meta: dict[str, Any] | None = None, device: torch.device | str | None = None) -> None:
         if not detector.fitted:
             raise GuardError(f"{detector.name} is not fitted: fit it on ID training features before guarding")
-        shape = tuple(int(v) for v in input_shape)
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
+        if isinstance(input_shape, Preprocessing):
+            self.prep = input_shape
+        else:
+            shape = tuple(int(v) for v in input_shape)
+            if len(shape) != 3 or min(shape) < 1 or shape[1] != shape[2]:
+                raise ValueError(f"input_shape must be (channels, size, size), got {tuple(input_shape)}")
+            self.prep = Preprocessing(shape[1], shape[0])
+        shape = self.prep.input_shape
         self.model, self.detector, self.input_shape = model.eval(), detector, shape
         self.model_meta = dict(model_meta) if model_meta else None
         self.device = torch.device(device) if device is not None else default_device()
@@ -139,10 +152,13 @@ class Guard:
             scores = self.detector.score(Features(z.float().cpu(), logits))
         return self.decide(logits, scores, fdr)
 
-    def predict(self, images: ImageSet | Features, fdr: float | None = None) -> GuardOutput:
-        """Decisions for a whole data set (its features are extracted in batches)."""
-        logits, scores = self._scores(images)
-        return self.decide(logits, scores, fdr)
+    def predict(self, images: ImageSet | Features, fdr: float | None = None, strict: bool = False) -> GuardOutput:
+        """Decisions for a whole data set (its features are extracted in batches).
+
+        Unreadable images are skipped and listed in ``skipped``; with ``strict`` they raise.
+        """
+        logits, scores, skipped = self._scores(images, strict)
+        return dataclasses.replace(self.decide(logits, scores, fdr), skipped=skipped)
 
     def flag_rate_report(self, stream: ImageSet | Features | Tensor, level: float = 0.01) -> FlagRateReport:
         """Realised flag rate on presumed-ID inputs (images, features or the detector's scores) vs the promise.
@@ -154,11 +170,11 @@ class Guard:
         flags = ~(scores.double() >= self.threshold)
         return flag_rate_test(flags, len(self._calibrated()), self.k, level)
 
-    def _scores(self, data: ImageSet | Features) -> tuple[Tensor, Tensor]:
+    def _scores(self, data: ImageSet | Features, strict: bool = False) -> tuple[Tensor, Tensor, tuple[int, ...]]:
         if isinstance(data, Features):
             if self.detector.needs == "model":
                 raise ValueError(f"{self.detector.name} must see the images: pass an ImageSet, not features")
-            return data.logits, self.detector.score(data)
+            return data.logits, self.detector.score(data), data.skipped
         if not isinstance(data, ImageSet):
             raise TypeError(f"expected an ImageSet or Features, got {type(data).__name__}")
         if len(data) == 0:
@@ -167,10 +183,13 @@ class Guard:
         if tuple(first.shape) != self.input_shape:
             raise ValueError(f"{data.name} has images of shape {tuple(first.shape)}; this guard's model takes "
                              f"{self.input_shape} (channels, height, width)")
-        feats = extract(self.model, data, device=self.device)
+        feats = extract(self.model, data, device=self.device, strict=strict)
         if self.detector.needs == "model":
-            return feats.logits, score_with_model(self.detector, self.model, data, device=self.device)
-        return feats.logits, self.detector.score(feats)
+            if feats.skipped:
+                raise ValueError(f"{len(feats.skipped)} images of {data.name} could not be read; "
+                                 f"{self.detector.name} must see every image: remove them first")
+            return feats.logits, score_with_model(self.detector, self.model, data, device=self.device), ()
+        return feats.logits, self.detector.score(feats), feats.skipped
 
     def _check_batch(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 4:
@@ -207,9 +226,8 @@ class Guard:
                 "rule": self.rule, "k": self.k, "n_calibration": len(cal), "threshold": self.threshold,
                 "calibration_source": self.calibration_source,
                 "input_shape": list(self.input_shape),
-                "preprocessing": {"range": [0, 1], "mean": self.model.mean.flatten().tolist(),
-                                  "std": self.model.std.flatten().tolist(),
-                                  "resize": "shorter side to the input size, then centre crop"},
+                "preprocessing": {**self.prep.describe(), "range": [0, 1], "mean": self.model.mean.flatten().tolist(),
+                                  "std": self.model.std.flatten().tolist()},
                 "model": {"fingerprint": state_fingerprint(self.model), "meta": self.model_meta, "file": model_file},
                 "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
             }
@@ -240,16 +258,25 @@ class Guard:
             cal = load_file(str(directory / "calibration.safetensors"))["scores"]
         except (SafetensorError, KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
             raise GuardError(f"guard folder {directory} is unreadable ({exc}); rebuild it") from exc
+        meta = info["model"].get("meta") or {}
         if model is None:
-            if not info["model"].get("file"):
+            if info["model"].get("file"):
+                model, _ = load_checkpoint(directory / info["model"]["file"])
+            elif meta.get("source"):
+                from ..models.loaders import load_model
+
+                model = load_model(meta["source"], meta.get("weights")).model
+            else:
                 raise GuardError(f"the guard in {directory} was saved without its model (not an oodlab "
                                  "architecture): pass model= to Guard.load")
-            model, _ = load_checkpoint(directory / info["model"]["file"])
         if state_fingerprint(model) != info["model"]["fingerprint"]:
             raise GuardError(f"this model's weights (fingerprint {state_fingerprint(model)}) are not those the guard "
                              f"in {directory} was calibrated for ({info['model']['fingerprint']}); rebuild the guard "
                              "for this model")
-        guard = cls(model, detector, info["input_shape"], info["model"].get("meta"), device)
+        p = info.get("preprocessing", {})
+        prep = Preprocessing(int(info["input_shape"][1]), int(info["input_shape"][0]), p.get("resize"),
+                             p.get("interpolation", "bilinear"))
+        guard = cls(model, detector, prep, info["model"].get("meta"), device)
         guard.calibration, guard.rule, guard.k = cal.double(), dict(info["rule"]), int(info["k"])
         guard.calibration_source = info.get("calibration_source", "")
         return guard

@@ -109,6 +109,40 @@ class Classifier(nn.Module):
         return clf
 
     @classmethod
+    def from_final_linear(cls, model: nn.Module, probe: Tensor, mean: Sequence[float] = (0.0,),
+                          std: Sequence[float] = (1.0,)) -> "Classifier":
+        """Wrap any network whose output is computed by one ``nn.Linear``: z is that layer's input.
+
+        The head is found by running ``probe`` with hooks on every ``nn.Linear`` (the one whose output
+        *is* the model's output), the body is a copy of the network with that layer replaced by an
+        identity, and the probe check then confirms ``head(z) == model(x)``. Networks with a
+        non-linear head are refused (AdapterError). ``feature_map`` is then ``z`` itself.
+        """
+        outputs: dict[str, Tensor] = {}
+        hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+                 for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model((probe - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1))
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was_training)
+        name = next((n for n, o in outputs.items() if o is out), None)
+        if name is None:
+            raise AdapterError("the model's output is not computed by one nn.Linear (its last step is something "
+                               "else, or it returns several heads): post-hoc methods need logits = W z + b. "
+                               "Wrap it by hand with Classifier(body, pool, head)")
+        body = copy.deepcopy(model)
+        head = body.get_submodule(name)
+        body.set_submodule(name, nn.Identity())
+        clf = cls(body, nn.Flatten(1), head, mean, std)
+        clf.verify(model, probe, normalised_input=True)
+        return clf
+
+    @classmethod
     def from_forward_split(cls, model: nn.Module, probe: Tensor, mean: Sequence[float] = (0.0,),
                            std: Sequence[float] = (1.0,)) -> "Classifier":
         """Wrap a model with timm's ``forward_features`` / ``forward_head(pre_logits=True)`` / ``get_classifier()``.

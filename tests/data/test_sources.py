@@ -9,6 +9,7 @@ import torch
 
 from oodlab.data import DataMissingError
 from oodlab.data.base import ArrayDataset, ImageSet, batches
+from oodlab.data.preprocessing import Preprocessing
 from oodlab.data.sources import digits, fashion_mnist, folder, glyphs, noise
 
 
@@ -97,11 +98,11 @@ def test_folder_source(tmp_path):
         for i in range(3):
             Image.new("RGB", (40, 30), (i * 40, 10, 200)).save(tmp_path / cls / f"{i}.png")
     (tmp_path / "notes.txt").write_text("not an image")
-    s = folder.load(tmp_path, size=32, channels=3, labelled=True)
+    s = folder.load(tmp_path, prep=Preprocessing(32, 3), labelled=True)
     assert len(s) == 6 and s.num_classes == 2
     x, y = s.dataset[4]
     assert x.shape == (3, 32, 32) and int(y) == 1
-    grey = folder.load(tmp_path, size=28, channels=1)
+    grey = folder.load(tmp_path, prep=Preprocessing(28, 1))
     assert grey.dataset[0][0].shape == (1, 28, 28) and int(grey.dataset[0][1]) == -1
     assert grey.fingerprint != s.fingerprint
     with pytest.raises(DataMissingError):

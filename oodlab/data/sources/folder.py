@@ -1,42 +1,42 @@
-"""Any folder of images (Textures, Places365, iNaturalist, SUN, OpenImage-O, ImageNet subsets...).
+"""Folders and lists of image files (Textures, Places365, iNaturalist, OpenImage-O, ImageNet, your own).
 
-Images are found recursively; with ``labelled=True`` the first-level sub-folders are the classes,
-as in torchvision's ImageFolder.
+``load(root)`` takes every image under ``root`` (recursively); with ``labelled=True`` the first-level
+sub-folders are the classes, as in torchvision's ImageFolder. ``load_list(list_file, root)`` reads
+an OpenOOD-style image list, one ``<path relative to root> <label>`` per line (label -1 = none).
+
+An image that cannot be decoded does not stop a run of thousands: its item is a black image with
+label :data:`~oodlab.data.base.BROKEN`, and :func:`~oodlab.features.extract` reports and skips it
+(or refuses, with ``strict``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..base import DataMissingError, ImageSet, UNLABELED
+from ..base import BROKEN, UNLABELED, DataMissingError, ImageSet
+from ..preprocessing import Preprocessing
 
-__all__ = ["load", "image_transform", "transform_fingerprint", "IMAGE_SUFFIXES"]
+__all__ = ["load", "load_list", "ImageFiles", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+log = logging.getLogger(__name__)
 
 
-def image_transform(size: int, channels: int):
-    """Resize (shorter side) + centre crop to ``size``, convert to ``channels`` (1 or 3), to [0,1] tensor."""
-    from torchvision import transforms as T
+class ImageFiles(Dataset):
+    """Image files with labels, decoded and preprocessed on access; ``files`` is the list of paths and
+    ``classes`` the class names by label (class folders), where known."""
 
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    mode = T.Grayscale(channels) if channels == 1 else T.Lambda(lambda im: im.convert("RGB"))
-    return T.Compose([mode, T.Resize(size), T.CenterCrop(size), T.ToTensor()])
-
-
-def transform_fingerprint(identity: str, size: int, channels: int) -> str:
-    return hashlib.sha256(f"{identity}|size={size}|channels={channels}".encode()).hexdigest()[:16]
-
-
-class _Files(Dataset):
-    def __init__(self, files: list[Path], labels: list[int], size: int, channels: int) -> None:
-        self.files, self.labels, self.tf = files, labels, image_transform(size, channels)
+    def __init__(self, files: Sequence[Path], labels: Sequence[int], prep: Preprocessing,
+                 classes: Sequence[str] = ()) -> None:
+        self.files, self.labels, self.prep, self.classes = list(files), list(labels), prep, list(classes)
+        self._tf = prep.transform()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -44,28 +44,108 @@ class _Files(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         from PIL import Image
 
-        with Image.open(self.files[i]) as im:
-            return self.tf(im), torch.tensor(self.labels[i])
+        try:
+            with Image.open(self.files[i]) as im:
+                return self._tf(im), torch.tensor(self.labels[i])
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL's decoding errors (UnidentifiedImageError is an OSError)
+            log.warning("cannot read image %s (%s); skipping it", self.files[i], exc)
+            return torch.zeros(self.prep.input_shape), torch.tensor(BROKEN)
+
+    def error(self, i: int) -> str:
+        """Why item ``i`` cannot be read (re-opens the file)."""
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[i]) as im:
+                im.load()
+        except (OSError, ValueError, SyntaxError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "unreadable"
 
 
-def load(root: str | Path, name: str | None = None, size: int = 32, channels: int = 3,
-         labelled: bool = False) -> ImageSet:
-    """All images under ``root`` as one set named ``name`` (default: the folder's name)."""
+def _fingerprint(root: Path, files: list[Path], labels: list[int], kind: str, prep: Preprocessing) -> str:
+    h = hashlib.sha256()
+    for p, y in zip(files, labels):
+        st = p.stat()
+        h.update(f"{p.relative_to(root) if p.is_relative_to(root) else p}|{st.st_size}|{st.st_mtime_ns}|{y}\n".encode())
+    return prep.fingerprint(f"{kind}:{h.hexdigest()}")
+
+
+def load(root: str | Path, name: str | None = None, prep: Preprocessing | None = None, labelled: bool = False,
+         classes: Sequence[str] | None = None) -> ImageSet:
+    """All images under ``root`` as one set named ``name`` (default: the folder's name).
+
+    ``labelled``: sub-folders are classes, sorted by name, or mapped through ``classes`` (the
+    training set's class names) so that a test folder gets the same label for the same class.
+    """
     root = Path(root)
+    prep = prep or Preprocessing(32, 3)
     if not root.is_dir():
         raise DataMissingError(f"image folder {root} does not exist; pass the folder that holds the images")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DataMissingError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+    names: list[str] = []
     if labelled:
-        classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
-        index = {c: i for i, c in enumerate(classes)}
-        labels = [index.get(p.relative_to(root).parts[0], UNLABELED) for p in files]
+        found = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+        if not found:
+            raise DataMissingError(f"{root} has no class sub-folders; a labelled (ImageFolder) set needs "
+                                   "<root>/<class>/<image> files")
+        names = list(classes) if classes is not None else found
+        unknown = sorted(set(found) - set(names))
+        if unknown:
+            raise ValueError(f"{root} has class folders the training set lacks: {', '.join(unknown[:5])}")
+        index = {c: i for i, c in enumerate(names)}
+        files = [p for p in files if len(p.relative_to(root).parts) > 1]
+        labels = [index[p.relative_to(root).parts[0]] for p in files]
     else:
-        classes, labels = [], [UNLABELED] * len(files)
-    h = hashlib.sha256()
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    fp = transform_fingerprint(f"folder:{h.hexdigest()}:{labelled}", size, channels)
-    return ImageSet(name or root.name, _Files(files, labels, size, channels), fp, len(classes) or None)
+        labels = [UNLABELED] * len(files)
+    fp = _fingerprint(root, files, labels, f"folder:{labelled}", prep)
+    return ImageSet(name or root.name, ImageFiles(files, labels, prep, names), fp, len(names) or None)
+
+
+def load_list(list_file: str | Path, root: str | Path | Sequence[str | Path], name: str | None = None,
+              prep: Preprocessing | None = None, num_classes: int | None = None,
+              expected: int | None = None) -> ImageSet:
+    """An OpenOOD-style image list: ``<path> <label>`` per line, paths relative to ``root``.
+
+    ``root`` may be several folders: the first one holding the list's first image is used for all.
+    Every file must exist and every label lie in ``[0, num_classes)`` or be -1 (no label);
+    ``expected`` checks the line count.
+    """
+    list_file = Path(list_file)
+    prep = prep or Preprocessing(32, 3)
+    if not list_file.is_file():
+        raise DataMissingError(f"image list {list_file} does not exist")
+    entries: list[tuple[str, int]] = []
+    for n, line in enumerate(list_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        try:
+            entries.append((parts[0], int(parts[1])))
+        except (IndexError, ValueError):
+            raise ValueError(f"{list_file}:{n}: expected '<relative path> <integer label>', got {line!r}") from None
+    if not entries:
+        raise DataMissingError(f"image list {list_file} is empty")
+    if expected is not None and len(entries) != expected:
+        raise ValueError(f"{list_file} lists {len(entries)} images; this benchmark expects {expected} "
+                         "(an incomplete or different version of the list)")
+    roots = [Path(root)] if isinstance(root, (str, Path)) else [Path(r) for r in root]
+    base = next((r for r in roots if (r / entries[0][0]).is_file()), None)
+    if base is None:
+        raise DataMissingError(f"{entries[0][0]} (first entry of {list_file}) is in none of "
+                               f"{', '.join(map(str, roots))}; pass the data root that holds it")
+    files = [base / p for p, _ in entries]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise DataMissingError(f"{len(missing)} files listed in {list_file} are missing, e.g. {missing[0]}")
+    labels = [y for _, y in entries]
+    bad = [y for y in labels if y < -1 or (num_classes is not None and y >= num_classes)]
+    if bad:
+        raise ValueError(f"{list_file} has labels outside [0, {num_classes}) and -1, e.g. {bad[0]}")
+    if any(y < 0 for y in labels) and any(y >= 0 for y in labels):
+        raise ValueError(f"{list_file} mixes labelled and unlabelled (-1) images")
+    fp = _fingerprint(base, files, labels, f"list:{list_file.name}", prep)
+    return ImageSet(name or list_file.stem, ImageFiles(files, labels, prep), fp,
+                    num_classes if labels[0] >= 0 else None)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..base import DataMissingError, ImageSet
 from ..locate import download_root
-from .folder import image_transform, transform_fingerprint
+from ..preprocessing import Preprocessing
 
 __all__ = ["load", "NAMES"]
 
@@ -24,7 +24,8 @@ def load(name: str, split: str = "test", data_root: str | Path | None = None, si
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = str(download_root(data_root))
-    tf = image_transform(size, channels)
+    prep = Preprocessing(size, channels)
+    tf = prep.transform()
     try:
         if name == "svhn":
             ds = datasets.SVHN(root, split=split, transform=tf, download=download)
@@ -36,6 +37,6 @@ def load(name: str, split: str = "test", data_root: str | Path | None = None, si
             f"{name} ({split}) is not in {root} and could not be downloaded ({exc}). "
             "Download it on a machine with internet into that folder, or pass --data-root."
         ) from exc
-    fp = transform_fingerprint(f"torchvision:{name}:{split}:{len(ds)}", size, channels)
+    fp = prep.fingerprint(f"torchvision:{name}:{split}:{len(ds)}")
     label = name if split == "test" else f"{name}-train"
     return ImageSet(label, ds, fp, num_classes=_CLASSES[name])

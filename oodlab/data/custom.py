@@ -1,0 +1,161 @@
+"""Suites from your own data: a small TOML file, command-line flags, or the OpenOOD v1.5 ImageNet-1K layout.
+
+A suite file::
+
+    name = "my-suite"             # optional (default: the file's name)
+    root = "/data/my-suite"       # optional; relative paths are read from here (default: the file's folder)
+    num_classes = 10              # optional when ID train is a class-folder tree or a labelled list
+
+    [id]
+    train = "train"               # a folder of class sub-folders (ImageFolder) ...
+    test = "lists/test.txt"       # ... or an image list, '<path relative to root> <label>' per line
+    val = "val"                   # optional: held-out ID data for calibrating a guard
+
+    [ood.near]
+    ninco = "ninco"               # OOD sets: plain folders (searched recursively) or image lists
+    [ood.far]
+    textures = { list = "lists/textures.txt", root = "/data/images_classic" }
+
+Images are read with the model's preprocessing, so the same file serves any model.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .base import DataMissingError, ImageSet
+from .preprocessing import IMAGENET, Preprocessing
+from .sources import folder
+from .suites import Suite, register_suite
+from .locate import search_roots
+
+__all__ = ["suite_from_spec", "load_suite_file", "suite_from_flags", "imagenet1k", "IMAGENET1K_LISTS"]
+
+_TOP = {"name", "root", "num_classes", "id", "ood"}
+_ID = {"train", "test", "val"}
+_GROUPS = {"near", "far"}
+_SET = {"folder", "list", "root"}
+
+
+class SuiteSpecError(ValueError):
+    """A suite file or the suite flags are malformed."""
+
+
+def _unknown(where: str, keys: set[str], allowed: set[str]) -> None:
+    extra = sorted(keys - allowed)
+    if extra:
+        raise SuiteSpecError(f"{where}: unknown key {extra[0]!r}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _image_set(entry: Any, name: str, base: Path, prep: Preprocessing, where: str, labelled: bool,
+               classes: list[str] | None, num_classes: int | None) -> ImageSet:
+    if isinstance(entry, str):
+        entry = {"list": entry} if entry.endswith(".txt") else {"folder": entry}
+    if not isinstance(entry, dict):
+        raise SuiteSpecError(f"{where}: {name} must be a path or a table with 'folder' or 'list'")
+    _unknown(f"{where}: {name}", set(entry), _SET)
+    root = base / entry["root"] if "root" in entry else base
+    if ("folder" in entry) == ("list" in entry):
+        raise SuiteSpecError(f"{where}: {name} needs exactly one of 'folder' and 'list'")
+    if "list" in entry:
+        return folder.load_list(root / entry["list"], root, name, prep, num_classes)
+    return folder.load(root / entry["folder"], name, prep, labelled=labelled, classes=classes)
+
+
+def suite_from_spec(spec: dict[str, Any], prep: Preprocessing, base: str | Path = ".", where: str = "suite") -> Suite:
+    """A :class:`Suite` from a parsed suite file (or the same structure built from flags)."""
+    base = Path(base)
+    _unknown(where, set(spec), _TOP)
+    ids = spec.get("id")
+    if not isinstance(ids, dict) or "train" not in ids or "test" not in ids:
+        raise SuiteSpecError(f"{where}: needs an [id] table with 'train' and 'test'")
+    _unknown(f"{where}: [id]", set(ids), _ID)
+    oods = spec.get("ood")
+    if not isinstance(oods, dict) or not any(oods.get(g) for g in _GROUPS):
+        raise SuiteSpecError(f"{where}: needs at least one OOD set under [ood.near] or [ood.far]")
+    _unknown(f"{where}: [ood]", set(oods), _GROUPS)
+    root = base / spec["root"] if "root" in spec else base
+    num_classes = spec.get("num_classes")
+    train = _image_set(ids["train"], "id-train", root, prep, where, True, None, num_classes)
+    classes = getattr(train.dataset, "classes", None) or None  # class folders: test and val map by name
+    num_classes = num_classes or train.num_classes or 1 + max(train.dataset.labels)  # type: ignore[attr-defined]
+    test = _image_set(ids["test"], "id-test", root, prep, where, True, classes, num_classes)
+    val = _image_set(ids["val"], "id-val", root, prep, where, True, classes, num_classes) if "val" in ids else None
+    sets: dict[str, ImageSet] = {}
+    groups: dict[str, list[str]] = {"near": [], "far": []}
+    for group in ("near", "far"):
+        for name, entry in (oods.get(group) or {}).items():
+            if name in sets:
+                raise SuiteSpecError(f"{where}: OOD set {name!r} appears twice")
+            sets[name] = _image_set(entry, name, root, prep, where, False, None, None)
+            groups[group].append(name)
+    return Suite(spec.get("name", "custom"), train, test, sets, groups, int(num_classes), prep.input_shape, id_val=val)
+
+
+def load_suite_file(path: str | Path, prep: Preprocessing) -> Suite:
+    """The suite described by the TOML file ``path`` (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataMissingError(f"suite file {path} does not exist")
+    try:
+        spec = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SuiteSpecError(f"{path}: not valid TOML ({exc})") from exc
+    spec.setdefault("name", path.stem)
+    return suite_from_spec(spec, prep, path.parent, str(path))
+
+
+def suite_from_flags(id_train: str, id_test: str, ood: list[str], prep: Preprocessing, id_val: str | None = None,
+                     name: str = "custom") -> Suite:
+    """A suite from ``--id-train DIR --id-test DIR --ood near:NAME=DIR ...`` (lists work too)."""
+    groups: dict[str, dict[str, str]] = {"near": {}, "far": {}}
+    for item in ood:
+        group, _, rest = item.partition(":")
+        key, eq, path = rest.partition("=")
+        if group not in groups or not eq or not key or not path:
+            raise SuiteSpecError(f"--ood expects near:NAME=PATH or far:NAME=PATH, got {item!r}")
+        groups[group][key] = path
+    ids = {"train": id_train, "test": id_test, **({"val": id_val} if id_val else {})}
+    return suite_from_spec({"name": name, "id": ids, "ood": groups}, prep, ".", "suite flags")
+
+
+#: OpenOOD v1.5's ImageNet-1K lists (``benchmark_imglist/imagenet/``) and their line counts.
+IMAGENET1K_LISTS = {
+    "id-val": ("val_imagenet.txt", 5_000), "id-test": ("test_imagenet.txt", 45_000),
+    "ssb_hard": ("test_ssb_hard.txt", 49_000), "ninco": ("test_ninco.txt", 5_879),
+    "inaturalist": ("test_inaturalist.txt", 10_000), "textures": ("test_textures.txt", 5_160),
+    "openimage_o": ("test_openimage_o.txt", 15_869),
+}
+_IMAGENET1K_GROUPS = {"near": ["ssb_hard", "ninco"], "far": ["inaturalist", "textures", "openimage_o"]}
+IMAGENET1K_TRAIN = 1_281_167
+
+
+@register_suite("imagenet1k")
+def imagenet1k(data_root: str | Path | None = None) -> Suite:
+    """OpenOOD v1.5's ImageNet-1K benchmark from ``<root>/benchmark_imglist/imagenet/*.txt`` and the images
+    under ``<root>/images_largescale/`` and ``<root>/images_classic/``, preprocessed as OpenOOD does.
+
+    ID train is ``train_imagenet.txt`` if present, else the class folders of
+    ``images_largescale/imagenet_1k/train``. Every list's count is checked.
+    """
+    root = next((r for r in search_roots(data_root) if (r / "benchmark_imglist" / "imagenet").is_dir()), None)
+    if root is None:
+        raise DataMissingError("ImageNet-1K (OpenOOD v1.5 layout) not found: pass --data-root DIR with "
+                               "DIR/benchmark_imglist/imagenet/*.txt and DIR/images_largescale/, DIR/images_classic/")
+    lists = root / "benchmark_imglist" / "imagenet"
+    images = [root / "images_largescale", root / "images_classic", root]
+    sets = {name: folder.load_list(lists / file, images, name, IMAGENET, 1000, count)
+            for name, (file, count) in IMAGENET1K_LISTS.items()}
+    if (lists / "train_imagenet.txt").is_file():
+        train = folder.load_list(lists / "train_imagenet.txt", images, "imagenet1k-train", IMAGENET, 1000,
+                                 IMAGENET1K_TRAIN)
+    else:
+        train_dir = root / "images_largescale" / "imagenet_1k" / "train"
+        train = folder.load(train_dir, "imagenet1k-train", IMAGENET, labelled=True)
+        if train.num_classes != 1000:
+            raise DataMissingError(f"{train_dir} has {train.num_classes} class folders; ImageNet-1K has 1000")
+    ood = {k: sets[k] for g in _IMAGENET1K_GROUPS.values() for k in g}
+    return Suite("imagenet1k", train, sets["id-test"], ood, {g: list(v) for g, v in _IMAGENET1K_GROUPS.items()},
+                 1000, IMAGENET.input_shape, id_val=sets["id-val"])

@@ -1,0 +1,173 @@
+"""Models by name: oodlab checkpoints, ``torchvision:NAME`` and ``timm:NAME``, each with its preprocessing.
+
+``load_model(spec, weights)`` returns a :class:`LoadedModel`: the :class:`Classifier` (checked on a
+probe batch), the id that keys the feature cache (weights + preprocessing), metadata, and the
+:class:`~oodlab.data.preprocessing.Preprocessing` its inputs need. Weights files are read without
+unpickling code (safetensors, or ``torch.load(..., weights_only=True)``); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from ..data.preprocessing import IMAGENET, Preprocessing
+from .adapter import AdapterError, Classifier
+from .zoo import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, checkpoint_fingerprint, load_checkpoint
+
+__all__ = ["LoadedModel", "load_model", "read_state_dict", "arch_preprocessing", "MODEL_SOURCES"]
+
+MODEL_SOURCES = ("an oodlab checkpoint (PATH.safetensors)", "torchvision:NAME", "timm:NAME")
+
+
+@dataclass
+class LoadedModel:
+    """A classifier ready for oodlab, the id that keys its cached features, and how to feed it."""
+
+    model: Classifier
+    model_id: str
+    prep: Preprocessing
+    spec: str
+    meta: dict[str, Any] = field(default_factory=dict)  # oodlab checkpoint metadata (arch ...) where there is one
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.prep.input_shape
+
+
+def arch_preprocessing(arch: str, in_channels: int | None = None) -> Preprocessing:
+    """The inputs an oodlab architecture takes: 28x28 grey for smallcnn, 32x32 RGB for the CIFAR ResNet,
+    ImageNet's for the torchvision ones."""
+    if arch == "smallcnn":
+        return Preprocessing(28, in_channels or 1)
+    if arch == "resnet18-cifar":
+        return Preprocessing(32, in_channels or 3)
+    return IMAGENET
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: safetensors, or a PyTorch file read with ``weights_only=True``.
+
+    A PyTorch file holding ``{"state_dict": ...}`` or ``{"model": ...}`` (training checkpoints) is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, ValueError, OSError) as exc:  # torch's unpickling refusals too
+        raise CheckpointError(f"cannot read weights {path}: {str(exc).splitlines()[0]} (oodlab reads safetensors or "
+                              "plain PyTorch state dicts, never pickled code)") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_weights(net: nn.Module, path: Path, spec: str) -> None:
+    try:
+        net.load_state_dict(read_state_dict(path))
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit {spec}: {str(exc).splitlines()[0]}") from exc
+
+
+def _torchvision(name: str, weights: Path | None, num_classes: int | None) -> tuple[nn.Module, Preprocessing,
+                                                                                    tuple, tuple, Path]:
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"torchvision has no classification model {name!r}; see torchvision.models.list_models()")
+    net = torchvision.models.get_model(name, weights=None, **({"num_classes": num_classes} if num_classes else {}))
+    enum = torchvision.models.get_model_weights(name)
+    default = enum.DEFAULT if hasattr(enum, "DEFAULT") else next(iter(enum))
+    prep, mean, std = IMAGENET, IMAGENET_MEAN, IMAGENET_STD
+    tf = default.transforms()
+    if hasattr(tf, "crop_size"):
+        prep = Preprocessing(tf.crop_size[0], 3, tf.resize_size[0], tf.interpolation.value)
+        mean, std = tuple(tf.mean), tuple(tf.std)
+    if weights is None:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(default.url)
+        if not cached.is_file():
+            raise FileNotFoundError(f"no weights for torchvision:{name}: pass --weights FILE (a state dict), or put "
+                                    f"torchvision's {cached.name} into {cached.parent} (nothing is downloaded)")
+        weights = cached
+    return net, prep, mean, std, weights
+
+
+def _timm(name: str, weights: Path | None, num_classes: int | None) -> tuple[nn.Module, Preprocessing, tuple, tuple, Path]:
+    try:
+        import timm
+        from timm.data import resolve_data_config
+    except ImportError as exc:
+        raise ValueError("timm models need timm: pip install timm") from exc
+    if weights is None:
+        raise ValueError(f"timm:{name} needs --weights FILE (a state dict); oodlab downloads nothing")
+    try:
+        net = timm.create_model(name, pretrained=False, **({"num_classes": num_classes} if num_classes else {}))
+    except RuntimeError as exc:
+        raise ValueError(f"timm has no model {name!r} ({exc})") from exc
+    cfg = resolve_data_config({}, model=net)
+    _, height, width = cfg["input_size"]
+    if height != width:
+        raise ValueError(f"timm:{name} takes {height}x{width} inputs; oodlab's image pipeline crops squares")
+    prep = Preprocessing(height, 3, int(height / cfg.get("crop_pct", 0.875)), cfg.get("interpolation", "bicubic"))
+    return net, prep, tuple(cfg["mean"]), tuple(cfg["std"]), weights
+
+
+def load_model(spec: str | Path, weights: str | Path | None = None, device: str | torch.device = "cpu",
+               num_classes: int | None = None) -> LoadedModel:
+    """The model named by ``spec``: an oodlab checkpoint path, ``torchvision:NAME`` or ``timm:NAME``.
+
+    ``weights`` is a state-dict file for torchvision / timm models (for torchvision, its own cache
+    file is used when present). ``num_classes`` builds a head of that size (default: the model's).
+    """
+    text = str(spec)
+    kind, _, name = text.partition(":")
+    if kind not in ("torchvision", "timm") or not name:
+        if weights is not None:
+            raise ValueError("--weights is for torchvision:NAME and timm:NAME models; an oodlab checkpoint holds its own")
+        model, meta = load_checkpoint(text, device)
+        prep = arch_preprocessing(meta["arch"], meta["in_channels"])
+        return LoadedModel(model, checkpoint_fingerprint(text), prep, text, meta)
+    wpath = Path(weights) if weights is not None else None
+    loader = _torchvision if kind == "torchvision" else _timm
+    net, prep, mean, std, wpath = loader(name, wpath, num_classes)
+    _load_weights(net, wpath, text)
+    net.eval()
+    probe = torch.rand(2, *prep.input_shape, generator=torch.Generator().manual_seed(0))
+    if kind == "timm":
+        model = Classifier.from_forward_split(net, probe, mean, std)
+    elif all(hasattr(net, a) for a in ("fc", "avgpool", "layer4")):
+        model = Classifier.from_torchvision_resnet(net, mean, std, probe=probe)
+    else:
+        try:
+            model = Classifier.from_final_linear(net, probe, mean, std)
+        except AdapterError as exc:
+            raise AdapterError(f"{text}: {exc}") from exc
+    model_id = _digest(text, _file_digest(wpath), json.dumps(prep.describe(), sort_keys=True))
+    return LoadedModel(model.to(device).eval(), model_id, prep, text, {"source": text, "weights": str(wpath)})
