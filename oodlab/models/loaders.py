@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, EOFError, ValueError, OSError) as exc:  # torch's unpickling refusals too
-        raise CheckpointError(f"cannot read weights {path}: {str(exc).splitlines()[0]} (oodlab reads safetensors or "
-                              "plain PyTorch state dicts, never pickled code)") from exc
+    except (SafetensorError, RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError):
+            reason = "it holds pickled objects other than tensors"
+        raise CheckpointError(f"cannot read weights {path}: {reason} (oodlab reads safetensors or plain PyTorch "
+                              "state dicts, never pickled code)") from exc
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -89,11 +93,22 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _load_weights(net: nn.Module, path: Path, spec: str) -> None:
+def _load_weights(net: nn.Module, state: dict[str, torch.Tensor], path: Path, spec: str) -> None:
     try:
-        net.load_state_dict(read_state_dict(path))
+        net.load_state_dict(state)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit {spec}: {str(exc).splitlines()[0]}") from exc
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise CheckpointError(f"{path} does not fit {spec}: {detail}") from exc
+
+
+def _head_classes(net: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """The class count of the weights when they differ from ``net``'s head (its last nn.Linear)."""
+    last = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not last:
+        return None
+    name, head = last[-1]
+    w = state.get(f"{name}.weight")
+    return int(w.shape[0]) if w is not None and w.ndim == 2 and w.shape[0] != head.out_features else None
 
 
 def _torchvision(name: str, weights: Path | None, num_classes: int | None) -> tuple[nn.Module, Preprocessing,
@@ -157,7 +172,10 @@ def load_model(spec: str | Path, weights: str | Path | None = None, device: str 
     wpath = Path(weights) if weights is not None else None
     loader = _torchvision if kind == "torchvision" else _timm
     net, prep, mean, std, wpath = loader(name, wpath, num_classes)
-    _load_weights(net, wpath, text)
+    state = read_state_dict(wpath)
+    if num_classes is None and (found := _head_classes(net, state)) is not None:  # a fine-tuned head
+        net = loader(name, wpath, found)[0]
+    _load_weights(net, state, wpath, text)
     net.eval()
     probe = torch.rand(2, *prep.input_shape, generator=torch.Generator().manual_seed(0))
     if kind == "timm":
