@@ -60,22 +60,37 @@ class Features:
         return float((self.logits.argmax(1) == self.labels).float().mean())
 
 
+def autocast_dtype(device: torch.device, autocast: bool | None) -> torch.dtype | None:
+    """The reduced precision extraction runs in: by default bfloat16 (float16 where the GPU lacks it) on
+    CUDA and none (float32) on the CPU; ``autocast=True`` / ``False`` forces it on / off."""
+    if autocast is None:
+        autocast = device.type == "cuda"
+    if not autocast:
+        return None
+    return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+
+
 @torch.no_grad()
 def extract(model: Classifier, data: ImageSet, batch_size: int = 512, device: torch.device | str | None = None,
-            strict: bool = False) -> Features:
+            strict: bool = False, autocast: bool | None = None) -> Features:
     """Run ``model`` over ``data`` once (its fast inference copy, in eval mode), collecting z, logits and labels (on CPU).
 
     Images that cannot be decoded are skipped with a warning that counts them and names the first
     (``Features.skipped``); with ``strict`` they raise :class:`UnreadableImagesError` instead.
+    On CUDA the forward pass runs under bfloat16 autocast by default (see :func:`autocast_dtype`);
+    the features are stored in float32 either way.
     """
     device = torch.device(device) if device is not None else default_device()
     fast = model.for_inference().to(device)
+    dtype = autocast_dtype(device, autocast)
     zs, logits, labels = [], [], []
     for x, y in progress(batches(data, batch_size), desc=f"features {data.name}",
                          total=(len(data) + batch_size - 1) // batch_size, unit="batch"):
-        z = fast.features(inference_input(x, device))
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            z = fast.features(inference_input(x, device))
+            out = fast.head(z)
         zs.append(z.float().cpu())
-        logits.append(fast.head(z).float().cpu())
+        logits.append(out.float().cpu())
         labels.append(torch.as_tensor(y).long())
     lab = torch.cat(labels)
     z, out = torch.cat(zs), torch.cat(logits)
@@ -107,8 +122,11 @@ class FeatureCache:
         self.root = Path(root) if root is not None else cache_dir() / "features"
         self.extractions = 0  # forward passes over a data set done by this cache object
 
-    def _key(self, model_id: str, data: ImageSet) -> dict[str, str]:
-        return {"model": model_id, "data": data.fingerprint, "name": data.name}
+    def _key(self, model_id: str, data: ImageSet, precision: torch.dtype | None) -> dict[str, str]:
+        key = {"model": model_id, "data": data.fingerprint, "name": data.name}
+        if precision is not None:
+            key["precision"] = str(precision)
+        return key
 
     def _paths(self, key: dict[str, str]) -> tuple[Path, Path]:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
@@ -116,14 +134,16 @@ class FeatureCache:
         return base.with_suffix(".safetensors"), base.with_suffix(".json")
 
     def get(self, model: Classifier, model_id: str, data: ImageSet, batch_size: int = 512,
-            device: torch.device | str | None = None) -> Features:
-        """Cached features of ``data`` through ``model`` (``model_id`` identifies its weights)."""
-        key = self._key(model_id, data)
+            device: torch.device | str | None = None, autocast: bool | None = None) -> Features:
+        """Cached features of ``data`` through ``model`` (``model_id`` identifies its weights; the
+        precision of the forward pass, see :func:`extract`, is part of the key)."""
+        dev = torch.device(device) if device is not None else default_device()
+        key = self._key(model_id, data, autocast_dtype(dev, autocast))
         tensors, meta = self._paths(key)
         cached = self._read(tensors, meta, key)
         if cached is not None:
             return cached
-        feats = extract(model, data, batch_size, device)
+        feats = extract(model, data, batch_size, dev, autocast=autocast)
         self._write(feats, tensors, meta, key)
         self.extractions += 1
         return feats

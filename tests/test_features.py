@@ -81,3 +81,21 @@ def test_features_validation():
         Features(torch.zeros(3, 4), torch.zeros(3, 5), torch.zeros(2, dtype=torch.long))
     f = Features(torch.zeros(2, 4), torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
     assert f.accuracy() == 0.5
+
+
+def test_bfloat16_autocast_agrees_with_float32(tiny):
+    """The reduced-precision extraction (default on CUDA; forced here on the CPU) keeps scores and rankings."""
+    from oodlab.detectors import create
+    from oodlab.metrics import auroc
+
+    full = extract(tiny.model, tiny.test_set, device="cpu")
+    half = extract(tiny.model, tiny.test_set, device="cpu", autocast=True)
+    ood_full = extract(tiny.model, tiny.ood_set, device="cpu")
+    ood_half = extract(tiny.model, tiny.ood_set, device="cpu", autocast=True)
+    assert half.z.dtype == torch.float32 and not torch.equal(half.z, full.z)  # it did run in bfloat16
+    # bfloat16 keeps 8 bits of mantissa: features within 2% of their scale
+    assert (half.z - full.z).abs().max() <= 0.02 * full.z.abs().max()
+    det = create("energy").fit(None, tiny.model.head)
+    a, b = det.score(full), det.score(half)
+    assert (a - b).abs().max() <= 0.01 * a.abs().mean()
+    assert abs(auroc(a.numpy(), det.score(ood_full).numpy()) - auroc(b.numpy(), det.score(ood_half).numpy())) <= 0.02

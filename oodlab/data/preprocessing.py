@@ -7,21 +7,32 @@ that data sets stay in [0, 1] and input perturbations are in pixel units.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import Tensor
 
 __all__ = ["Preprocessing", "IMAGENET"]
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+READERS = ("pil", "torchvision")
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """``channels`` (1 = grey, 3 = RGB), shorter side resized to ``resize`` (default ``size``), centre crop ``size``."""
+    """``channels`` (1 = grey, 3 = RGB), shorter side resized to ``resize`` (default ``size``), centre crop ``size``.
+
+    ``reader`` decodes files: ``"pil"`` (PIL, as torchvision's ImageFolder and OpenOOD) or
+    ``"torchvision"`` (``torchvision.io``'s decoders and tensor resizing with antialiasing; values
+    differ from PIL's by a few grey levels, so it is part of the data's identity).
+    """
 
     size: int
     channels: int = 3
     resize: int | None = None
     interpolation: str = "bilinear"
+    reader: str = "pil"
+    _tf: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -30,6 +41,8 @@ class Preprocessing:
             raise ValueError(f"need size >= 1 and resize >= size, got size={self.size}, resize={self.resize}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if self.reader not in READERS:
+            raise ValueError(f"reader must be one of {', '.join(READERS)}, got {self.reader!r}")
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -44,16 +57,43 @@ class Preprocessing:
         return T.Compose([mode, T.Resize(self.resize or self.size, interpolation=interp), T.CenterCrop(self.size),
                           T.ToTensor()])
 
+    def load(self, path: str | Path) -> Tensor:
+        """One image file as a float tensor (C, size, size) in [0, 1]."""
+        if self.reader == "torchvision":
+            return self._load_tensor(path)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            if self._tf is None:
+                object.__setattr__(self, "_tf", self.transform())
+            return self._tf(im)
+
+    def _load_tensor(self, path: str | Path) -> Tensor:
+        from torchvision.io import ImageReadMode, decode_image, read_file
+        from torchvision.transforms.v2 import functional as TF
+        from torchvision.transforms import InterpolationMode
+
+        mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
+        try:
+            img = decode_image(read_file(str(path)), mode=mode)
+        except RuntimeError as exc:  # torchvision reports undecodable files this way
+            raise OSError(str(exc)) from exc
+        img = TF.resize(img, [self.resize or self.size], getattr(InterpolationMode, self.interpolation.upper()),
+                        antialias=True)
+        return TF.center_crop(img, [self.size, self.size]).float().div_(255)
+
     def fingerprint(self, identity: str) -> str:
         """Identity of a data set seen through this preprocessing (keys the feature cache)."""
         text = f"{identity}|size={self.size}|channels={self.channels}"
         if self.resize is not None or self.interpolation != "bilinear":
             text += f"|resize={self.resize}|{self.interpolation}"
+        if self.reader != "pil":
+            text += f"|reader={self.reader}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def describe(self) -> dict[str, object]:
         return {"size": self.size, "channels": self.channels, "resize": self.resize or self.size,
-                "interpolation": self.interpolation}
+                "interpolation": self.interpolation, "reader": self.reader}
 
 
 def _rgb(image):

@@ -36,28 +36,21 @@ class ImageFiles(Dataset):
     def __init__(self, files: Sequence[Path], labels: Sequence[int], prep: Preprocessing,
                  classes: Sequence[str] = ()) -> None:
         self.files, self.labels, self.prep, self.classes = list(files), list(labels), prep, list(classes)
-        self._tf = prep.transform()
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        from PIL import Image
-
         try:
-            with Image.open(self.files[i]) as im:
-                return self._tf(im), torch.tensor(self.labels[i])
+            return self.prep.load(self.files[i]), torch.tensor(self.labels[i])
         except (OSError, ValueError, SyntaxError) as exc:  # PIL's decoding errors (UnidentifiedImageError is an OSError)
             log.warning("cannot read image %s (%s); skipping it", self.files[i], exc)
             return torch.zeros(self.prep.input_shape), torch.tensor(BROKEN)
 
     def error(self, i: int) -> str:
         """Why item ``i`` cannot be read (re-opens the file)."""
-        from PIL import Image
-
         try:
-            with Image.open(self.files[i]) as im:
-                im.load()
+            self.prep.load(self.files[i])
         except (OSError, ValueError, SyntaxError) as exc:
             return f"{type(exc).__name__}: {exc}"
         return "unreadable"
