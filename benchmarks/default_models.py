@@ -41,7 +41,8 @@ def ship(suite: str, runs: Path, threads: int) -> dict:
     model, meta = load_checkpoint(ckpt)
     torch.set_num_threads(threads)
     acc = extract(model, load_suite(suite).id_test, device="cpu").accuracy()
-    record = {"command": f"OMP_NUM_THREADS={threads} {shlex.join(cmd[:-2])} --out <run folder>",
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    record = {"command": f"OMP_NUM_THREADS={threads} {shlex.join(cmd[:-2])} --out <run folder>", "oodlab_commit": commit,
               "seed": meta["train_config"]["seed"], "compute": meta.get("compute"),
               "epochs": meta.get("epoch"), "test_accuracy": acc, "fingerprint": checkpoint_fingerprint(ckpt),
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
