@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -72,6 +73,7 @@ def _data_spec(a: argparse.Namespace):
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="oodlab", description="Out-of-distribution detection for PyTorch classifiers.")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error (or set OODLAB_DEBUG=1)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train or fine-tune a classifier (checkpoint each epoch, resumable)")
@@ -281,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handlers[args.cmd](args)
     except (ValueError, FileNotFoundError, TypeError) as exc:
+        if args.debug or os.environ.get("OODLAB_DEBUG"):
+            raise
         print(f"oodlab {args.cmd}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

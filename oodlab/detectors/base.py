@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 from typing_extensions import Self
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -206,8 +207,21 @@ def create(name: str, **params: Any) -> Detector:
 def load_detector(path: str | Path) -> Detector:
     """Load a detector written by :meth:`Detector.save` (no pickle involved)."""
     path = Path(path).with_suffix(".safetensors")
-    info = json.loads(path.with_suffix(".json").read_text())
-    return create(info["detector"], **info["config"]).load_state_dict(load_file(str(path)))
+    meta = path.with_suffix(".json")
+    if not path.is_file() or not meta.is_file():
+        raise FileNotFoundError(f"detector {path} (and its .json) not found; fit one with `oodlab fit`")
+    try:
+        info = json.loads(meta.read_text())
+        name, config = info["detector"], info["config"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{meta} is not a detector description ({exc!r}); fit the detector again") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{meta}: 'config' must be a mapping of parameters; fit the detector again")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path} is truncated or not a safetensors file ({exc}); fit the detector again") from exc
+    return create(name, **config).load_state_dict(state)
 
 
 def score_with_model(detector: Detector, model: Classifier, data: ImageSet, batch_size: int = 256,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -125,12 +126,23 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     meta_path = path.with_suffix(".json")
     if not path.is_file() or not meta_path.is_file():
         raise CheckpointError(f"checkpoint {path} (and its .json sidecar) not found; train one with `oodlab train`")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({exc}); restore it or re-train the checkpoint") from exc
+    missing = [k for k in ("arch", "num_classes", "in_channels") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_path} lacks {', '.join(missing)}; restore it or re-train the checkpoint")
     model = build(meta["arch"], meta["num_classes"], meta["in_channels"])
     try:
-        model.load_state_dict(load_file(str(path)))
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file ({exc}); restore it or re-train") from exc
+    try:
+        model.load_state_dict(state)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not match architecture {meta['arch']!r}: {exc}") from exc
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise CheckpointError(f"{path} does not match architecture {meta['arch']!r}: {detail}") from exc
     return model.to(device).eval(), meta
 
 

@@ -14,6 +14,8 @@ Unleashing Mask...), so every method shares this one loop.
 from __future__ import annotations
 
 import json
+import math
+import pickle
 import shutil
 import time
 import warnings
@@ -53,8 +55,12 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in metadata (method settings)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        for name in ("lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value}")
         if self.schedule not in ("cosine", "constant") or self.optimizer not in ("sgd", "adam"):
             raise ValueError("schedule must be 'cosine' or 'constant'; optimizer 'sgd' or 'adam'")
 
@@ -222,7 +228,12 @@ def _resume(run: Path, model: Classifier, opt, sched, cfg: TrainConfig, objectiv
         return 0
     from safetensors.torch import load_file
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise ValueError(f"{path} is not a training state oodlab wrote (it is truncated, or holds pickled objects "
+                         "other than tensors, which are never loaded); delete it to restart the run, or use a new "
+                         "--out folder") from exc
     cfg_now = json.dumps(asdict(cfg), sort_keys=True)
     if state["config"] != cfg_now or state["objective"] != objective.name:
         raise ValueError(f"{run} holds a run with other settings; use a new --out folder "
