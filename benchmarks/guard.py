@@ -13,6 +13,9 @@
 3. Latency of the guarded model against the bare model (logits only), batch 1 and 256, on
    ``--threads`` CPU threads: eager PyTorch, TorchScript and ONNX Runtime; medians of interleaved
    repeats. "OOD part" = guarded / bare - 1.
+4. The same at ImageNet size: a torchvision ResNet-50 (random weights, 224 x 224 inputs, 2048-d
+   features, 1000 classes; detectors fitted on random features of that shape, which sets the cost,
+   not the quality), batch 1, eager and ONNX Runtime.
 
 Writes the "guard" section of docs/results.md.
 """
@@ -186,6 +189,33 @@ def main() -> None:
     head = [f"{rt} b{b}" for b in (1, 256) for rt in ("eager", "TorchScript", "ONNX Runtime")]
     latency = "\n".join(["| detector | " + " | ".join(head) + " |", "|---|" + "---|" * len(head), *lat_rows])
 
+    # 4. ImageNet size ---------------------------------------------------------------------------
+    import torchvision
+
+    from oodlab.features import Features
+    from oodlab.models import Classifier
+
+    torch.manual_seed(0)
+    big = Classifier.from_torchvision_resnet(torchvision.models.resnet50().eval())
+    zr = torch.rand(4000, 2048)
+    fake = Features(zr, big.head(zr).detach(), torch.arange(4000) % 1000)
+    big_ts, big_onnx = _export_bare(big, (3, 224, 224), tmp)
+    big_bare = _runners(_Bare(big).eval().requires_grad_(False), big_ts, big_onnx, args.threads)
+    big_rows = []
+    with torch.no_grad():
+        for name in ("energy", "react", "ash-s", "dice", "mahalanobis", "vim"):
+            det = create(name).fit(fake, big.head)
+            guard = Guard(big, det, (3, 224, 224), device="cpu").calibrate(torch.randn(5000, dtype=torch.float64))
+            ts_p, onnx_p = guard.export(tmp / f"big-{name}.pt", "torchscript"), guard.export(tmp / f"big-{name}.onnx")
+            guarded = _runners(GuardGraph(guard).eval().requires_grad_(False), ts_p, onnx_p, args.threads)
+            x = torch.rand(1, 3, 224, 224)
+            cells = []
+            for runtime in ("eager", "onnxruntime"):
+                tb, tg = _median_pair(big_bare[runtime], guarded[runtime], x, 20)
+                cells.append(f"{1e3 * tb:.1f} / {1e3 * tg:.1f} ({100 * (tg / tb - 1):+.1f}%)")
+            big_rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    big_table = "\n".join(["| detector | eager b1 | ONNX Runtime b1 |", "|---|---|---|", *big_rows])
+
     body = (f"Default model `{Path(ckpt).name}` (fingerprint {mid}), suite `{args.suite}`, alpha = {args.alpha}. "
             f"Each detector is fitted on ID train ({len(train)}), calibrated on a random half of ID test "
             f"({half}) and evaluated on the other half and on every OOD set; {args.splits} random splits.\n\n"
@@ -194,7 +224,9 @@ def main() -> None:
             f"{100 * np.floor(args.alpha * (half + 1)) / (half + 1):.2f}% under exchangeability).\n\n{rates}\n\n"
             f"### Exported guard = Python guard ({n_eval} inputs: held-out ID half and every OOD set)\n\n{check}\n\n"
             f"### Latency, ms per batch: bare model / guarded model (OOD part), {args.threads} CPU thread(s)\n\n"
-            f"{latency}\n")
+            f"{latency}\n\n"
+            f"### Latency at ImageNet size: ResNet-50, 224 x 224, batch 1, ms: bare / guarded (OOD part)\n\n"
+            f"{big_table}\n")
     print(body)
     write_section("guard", f"Guard on {args.suite}: false alarms, flag rates, export, latency",
                   f"python benchmarks/guard.py --suite {args.suite} --alpha {args.alpha} --splits {args.splits} "

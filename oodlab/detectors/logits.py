@@ -1,4 +1,4 @@
-"""Scores read off the logits: MSP, MaxLogit and Energy."""
+"""Scores read off the logits: MSP, MaxLogit, Energy and GEN."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .base import Detector, energy, register
 
-__all__ = ["MSP", "MaxLogit", "Energy"]
+__all__ = ["MSP", "MaxLogit", "Energy", "GEN"]
 
 
 class _Tempered(Detector):
@@ -55,3 +55,29 @@ class Energy(_Tempered):
 
     def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
         return energy(logits, self.temperature)
+
+
+@register
+class GEN(Detector):
+    """Generalized entropy ``-sum_j p_j^g (1 - p_j)^g`` over the ``M`` largest softmax probabilities (Liu et al., CVPR 2023).
+
+    Defaults g = 0.1 and M = 100, capped at the number of classes, as the official code and
+    OpenOOD (pytorch-ood 0.4 sums over all classes: M = None). Computed in float64.
+    """
+
+    name = "gen"
+    needs_train = False
+
+    def __init__(self, gamma: float = 0.1, M: int = 100) -> None:
+        super().__init__()
+        if not gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {gamma}")
+        if int(M) != M or M < 1:
+            raise ValueError(f"M (how many top probabilities) must be a positive integer, got {M}")
+        self.gamma = gamma
+        self.M = int(M)
+
+    def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
+        p = torch.softmax(logits.double(), dim=1)
+        top = torch.topk(p, min(self.M, int(p.shape[1])), dim=1).values
+        return -(top.pow(self.gamma) * (1 - top).pow(self.gamma)).sum(1)

@@ -1,8 +1,10 @@
-"""Mahalanobis distance to the closest class mean, on penultimate features (Lee et al., NeurIPS 2018).
+"""Mahalanobis distance to the closest class mean, on penultimate features (Lee et al., NeurIPS 2018), and RMDS.
 
 This is the penultimate-layer variant without input preprocessing or layer ensembles that OpenOOD
 calls "MDS": class means and one shared covariance of ``z`` on ID train, score =
-``-min_c (z - mu_c)^T Sigma^+ (z - mu_c)``.
+``-min_c (z - mu_c)^T Sigma^+ (z - mu_c)``. RMDS (Ren et al. 2021) subtracts the distance under
+one Gaussian of all ID-train features. ``normalize=True`` L2-normalises the features first:
+Mahalanobis++ (Mueller et al., ICML 2025), for either.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from torch import Tensor
 from ..features import Features
 from .base import Detector, register
 
-__all__ = ["Mahalanobis", "class_statistics"]
+__all__ = ["Mahalanobis", "RMDS", "class_statistics", "moments"]
 
 CHUNK = 65536
 
@@ -38,6 +40,18 @@ def class_statistics(z: Tensor, labels: Tensor, num_classes: int) -> tuple[Tenso
     return means, (cov + cov.T) / 2
 
 
+def moments(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean (D,) and maximum-likelihood covariance (D, D) of all rows of ``z``, float64, in chunks."""
+    means, cov = class_statistics(z, torch.zeros(len(z), dtype=torch.long), 1)
+    return means[0], cov
+
+
+def _squared_distances(z: Tensor, means: Tensor, precision: Tensor) -> Tensor:
+    """(N, K) squared Mahalanobis distances of the rows of ``z`` to ``means`` (K, D) under ``precision``."""
+    zp = z @ precision
+    d = (zp * z).sum(1, keepdim=True) - 2 * zp @ means.T + ((means @ precision) * means).sum(1)[None, :]
+    return d.clamp(min=0)
+
 @register
 class Mahalanobis(Detector):
     """``-min_c`` squared Mahalanobis distance of ``z`` to the class means, shared covariance.
@@ -51,6 +65,16 @@ class Mahalanobis(Detector):
 
     name = "mahalanobis"
 
+    def __init__(self, normalize: bool = False) -> None:
+        super().__init__()
+        if not isinstance(normalize, bool):
+            raise ValueError(f"normalize must be True or False, got {normalize!r}")
+        self.normalize = normalize
+
+    def _features(self, z: Tensor) -> Tensor:
+        z = z.double()
+        return z / (z.norm(dim=1, keepdim=True) + 1e-10) if self.normalize else z
+
     def _fit(self, train: Features) -> None:
         if train.labels is None:
             raise ValueError("mahalanobis needs the class labels of the ID training features")
@@ -61,13 +85,32 @@ class Mahalanobis(Detector):
         missing = sorted(set(range(num_classes)) - set(labels.unique().tolist()))
         if missing:
             raise ValueError(f"classes {missing} have no training features; mahalanobis needs every class")
-        means, cov = class_statistics(train.z, labels, num_classes)
+        z = self._features(train.z) if self.normalize else train.z
+        means, cov = class_statistics(z, labels, num_classes)
         self.state["means"] = means
         self.state["precision"] = torch.linalg.pinv(cov, hermitian=True)
 
     def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
-        means, prec = self.state["means"], self.state["precision"]
-        mpm = ((means @ prec) * means).sum(1)
-        zp = z.double() @ prec
-        d = (zp * z.double()).sum(1, keepdim=True) - 2 * zp @ means.T + mpm[None, :]
-        return -d.clamp(min=0).min(1).values
+        return -_squared_distances(self._features(z), self.state["means"], self.state["precision"]).min(1).values
+
+
+@register
+class RMDS(Mahalanobis):
+    """Relative Mahalanobis: ``-min_c [MD_c(z) - MD_0(z)]``, ``MD_0`` under one Gaussian of all ID-train z.
+
+    As OpenOOD's reference: class means with a shared class-centred covariance, and the background
+    Gaussian's own mean and covariance, both maximum-likelihood, pseudo-inverted in float64.
+    """
+
+    name = "rmds"
+
+    def _fit(self, train: Features) -> None:
+        super()._fit(train)
+        mean, cov = moments(self._features(train.z) if self.normalize else train.z)
+        self.state["mean0"] = mean[None, :]
+        self.state["precision0"] = torch.linalg.pinv(cov, hermitian=True)
+
+    def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
+        z = self._features(z)
+        background = _squared_distances(z, self.state["mean0"], self.state["precision0"])
+        return -(_squared_distances(z, self.state["means"], self.state["precision"]) - background).min(1).values

@@ -1,4 +1,4 @@
-"""ViM: virtual-logit matching (Wang et al., CVPR 2022)."""
+"""ViM: virtual-logit matching (Wang et al., CVPR 2022), and its residual alone."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import Tensor
 from ..features import Features
 from .base import Detector, energy, register
 
-__all__ = ["ViM", "default_dim"]
+__all__ = ["ViM", "Residual", "default_dim"]
 
 CHUNK = 65536
 
@@ -63,3 +63,16 @@ class ViM(Detector):
         z = z.double()
         virtual = ((z - self.state["origin"]) @ self.state["residual"]).norm(dim=1) * self.state["alpha"]
         return energy(F.linear(z, self.weight.double(), self.bias.double())) - virtual
+
+
+@register
+class Residual(ViM):
+    """``-||residual of (z - u)||``: ViM's virtual-logit norm without the energy term (OpenOOD's "Residual").
+
+    Same principal subspace (``dim``, the origin ``u = -pinv(W) b``) as :class:`ViM`.
+    """
+
+    name = "residual"
+
+    def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
+        return -((z.double() - self.state["origin"]) @ self.state["residual"]).norm(dim=1)
