@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .data.base import BROKEN, ImageSet, batches
 from .models.adapter import Classifier, inference_input
-from .runtime import cache_dir, default_device, progress
+from .runtime import cache_dir, default_device, file_sha256, progress
 
 __all__ = ["Features", "extract", "FeatureCache", "UnreadableImagesError"]
 
@@ -107,14 +107,6 @@ def extract(model: Classifier, data: ImageSet, batch_size: int = 512, device: to
     return Features(z, out, lab if bool((lab >= 0).all()) else None, tuple(broken.tolist()))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class FeatureCache:
     """On-disk cache of :class:`Features` under ``root`` (default ``<cache_dir>/features``)."""
 
@@ -155,7 +147,7 @@ class FeatureCache:
             info = json.loads(meta.read_text())
             if info.get("key") != key:
                 raise ValueError("key mismatch (stale entry)")
-            if info.get("sha256") != _sha256(tensors):
+            if info.get("sha256") != file_sha256(tensors):
                 raise ValueError("checksum mismatch (corrupted file)")
             t = load_file(str(tensors))
             feats = Features(t["z"], t["logits"], t.get("labels"), tuple(info.get("skipped", ())))
@@ -176,5 +168,5 @@ class FeatureCache:
         tmp = tensors.with_suffix(".tmp")
         save_file(t, str(tmp))
         tmp.replace(tensors)
-        meta.write_text(json.dumps({"key": key, "sha256": _sha256(tensors), "n": len(feats),
+        meta.write_text(json.dumps({"key": key, "sha256": file_sha256(tensors), "n": len(feats),
                                     "skipped": list(feats.skipped)}, sort_keys=True))

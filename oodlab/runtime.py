@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import random
 from collections.abc import Iterable, Sequence
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["default_device", "seed_everything", "cache_dir", "progress", "write_csv"]
+__all__ = ["default_device", "seed_everything", "cache_dir", "progress", "write_csv", "file_sha256"]
 
 
 def default_device() -> torch.device:
@@ -55,3 +56,12 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[A
         w.writerows(rows)
     tmp.replace(path)
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -14,7 +14,6 @@ preprocessing, model fingerprint, a SHA-256 of every other file), ``detector.saf
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from ..detectors.base import Detector, load_detector, score_with_model
 from ..features import Features, extract
 from ..models.adapter import Classifier, inference_input
 from ..models.zoo import load_checkpoint, save_checkpoint, state_fingerprint
-from ..runtime import default_device
+from ..runtime import default_device, file_sha256
 from .conformal import (FlagRateReport, benjamini_hochberg, flag_rate_test, p_values, rank_for_alpha, rank_for_tpr,
                         sorted_calibration)
 
@@ -229,7 +228,7 @@ class Guard:
                 "preprocessing": {**self.prep.describe(), "range": [0, 1], "mean": self.model.mean.flatten().tolist(),
                                   "std": self.model.std.flatten().tolist()},
                 "model": {"fingerprint": state_fingerprint(self.model), "meta": self.model_meta, "file": model_file},
-                "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
+                "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())},
             }
             (tmp / "guard.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
             _replace_dir(tmp, directory)
@@ -250,7 +249,7 @@ class Guard:
             path = directory / name
             if not path.is_file():
                 raise GuardError(f"guard folder {directory} lacks {name}; rebuild it with `oodlab guard build`")
-            if _sha256(path) != digest:
+            if file_sha256(path) != digest:
                 raise GuardError(f"{path} was altered or truncated (checksum mismatch); rebuild the guard "
                                  "with `oodlab guard build`")
         try:
@@ -305,10 +304,6 @@ def _read_info(directory: Path) -> dict[str, Any]:
     if info["format"] != FORMAT:
         raise GuardError(f"{meta} has format {info['format']}; this oodlab reads format {FORMAT}")
     return info
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

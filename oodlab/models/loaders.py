@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..data.preprocessing import IMAGENET, Preprocessing
+from ..runtime import file_sha256
 from .adapter import AdapterError, Classifier
 from .zoo import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, checkpoint_fingerprint, load_checkpoint
 
@@ -83,14 +84,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _digest(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load_weights(net: nn.Module, state: dict[str, torch.Tensor], path: Path, spec: str) -> None:
@@ -187,5 +180,5 @@ def load_model(spec: str | Path, weights: str | Path | None = None, device: str 
             model = Classifier.from_final_linear(net, probe, mean, std)
         except AdapterError as exc:
             raise AdapterError(f"{text}: {exc}") from exc
-    model_id = _digest(text, _file_digest(wpath), json.dumps(prep.describe(), sort_keys=True))
+    model_id = _digest(text, file_sha256(wpath), json.dumps(prep.describe(), sort_keys=True))
     return LoadedModel(model.to(device).eval(), model_id, prep, text, {"source": text, "weights": str(wpath)})

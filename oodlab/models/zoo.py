@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..runtime import file_sha256
 from .adapter import Classifier
 
 __all__ = ["build", "ARCHS", "save_checkpoint", "load_checkpoint", "checkpoint_fingerprint", "state_fingerprint",
@@ -148,11 +149,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 def checkpoint_fingerprint(path: str | Path) -> str:
     """Content hash of a checkpoint's weights (keys the feature cache)."""
-    h = hashlib.sha256()
-    with open(Path(path).with_suffix(".safetensors"), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha256(Path(path).with_suffix(".safetensors"))[:16]
 
 
 def state_fingerprint(model: nn.Module) -> str:
