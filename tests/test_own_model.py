@@ -84,3 +84,14 @@ def test_own_data_needs_a_model_and_matching_classes(data, tmp_path, capsys):
     assert main(["bench", "--suite", str(data / "suite.toml"), "--model", "torchvision:resnet18", "--weights",
                  str(tmp_path / "five.pth"), "--detectors", "energy", "--out", str(tmp_path / "x")]) == 2
     assert "has 5 classes but suite suite has 2" in capsys.readouterr().err
+
+
+def test_train_on_your_own_data(data, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--suite", str(data / "suite.toml"), "--arch", "resnet18-cifar", "--epochs", "1",
+                 "--batch-size", "8", "--out", str(run), "--device", "cpu"]) == 0
+    meta = json.loads((run / "last.json").read_text())
+    assert meta["arch"] == "resnet18-cifar" and meta["num_classes"] == 2 and meta["suite"] == "suite"
+    assert main(["bench", "--suite", str(data / "suite.toml"), "--model", str(run / "last.safetensors"),
+                 "--detectors", "energy", "--out", str(tmp_path / "b"), "--device", "cpu"]) == 0
+    assert main(["train", "--suite", str(data / "suite.toml"), "--epochs", "1", "--out", str(tmp_path / "r2")]) == 2
