@@ -101,7 +101,7 @@ def _folder_set(name: str, data_root: str | Path | None) -> ImageSet:
     for root in search_roots(data_root):
         for cand in (root / name, root / "images_classic" / name):
             if cand.is_dir():
-                return folder.load(cand, name=name, prep=Preprocessing(32, 3))
+                return folder.load(cand, name=name, prep=Preprocessing(32, 3, reader="pil"))  # as OpenOOD reads them
     raise DataMissingError(
         f"OOD set {name!r} not found: put its images in <data_root>/{name}/ (OpenOOD v1.5's "
         f"images_classic/{name} layout also works) and pass --data-root or set OODLAB_DATA"

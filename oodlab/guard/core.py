@@ -274,7 +274,7 @@ class Guard:
                              "for this model")
         p = info.get("preprocessing", {})
         prep = Preprocessing(int(info["input_shape"][1]), int(info["input_shape"][0]), p.get("resize"),
-                             p.get("interpolation", "bilinear"))
+                             p.get("interpolation", "bilinear"), p.get("reader", "pil"))
         guard = cls(model, detector, prep, info["model"].get("meta"), device)
         guard.calibration, guard.rule, guard.k = cal.double(), dict(info["rule"]), int(info["k"])
         guard.calibration_source = info.get("calibration_source", "")

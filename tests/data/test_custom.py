@@ -122,3 +122,16 @@ def test_imagenet1k_layout(tmp_path, monkeypatch):
         load_suite("imagenet1k", root)
     with pytest.raises(DataMissingError, match="benchmark_imglist/imagenet"):
         load_suite("imagenet1k", tmp_path / "empty")
+
+
+def test_readers_agree_and_fall_back(tree):
+    """torchvision.io (default) and PIL give nearly the same tensors; formats torchvision cannot decode go to PIL."""
+    tv = Preprocessing(16, 3, 20)
+    pil = Preprocessing(16, 3, 20, reader="pil")
+    assert tv.reader == "torchvision" and tv.fingerprint("x") != pil.fingerprint("x")
+    path = tree / "train" / "cat" / "0.png"
+    a, b = tv.load(path), pil.load(path)
+    assert a.shape == b.shape == (3, 16, 16) and (a - b).abs().max() <= 3 / 255
+    Image.open(path).save(tree / "x.bmp")
+    assert torch.allclose(tv.load(tree / "x.bmp"), b)  # BMP: decoded by PIL
+    assert IMAGENET.reader == "pil"  # OpenOOD's ImageNet pipeline, as it reads images

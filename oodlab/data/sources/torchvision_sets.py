@@ -24,7 +24,7 @@ def load(name: str, split: str = "test", data_root: str | Path | None = None, si
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = str(download_root(data_root))
-    prep = Preprocessing(size, channels)
+    prep = Preprocessing(size, channels, reader="pil")  # torchvision's data sets hand out PIL images
     tf = prep.transform()
     try:
         if name == "svhn":
