@@ -36,7 +36,7 @@ def _weights(kind, path):
 
         net = torchvision.models.resnet18(num_classes=2)
     else:
-        timm = pytest.importorskip("timm")
+        import timm
         net = timm.create_model("resnet18", pretrained=False, num_classes=2)
     torch.save(net.state_dict(), path)
     return path

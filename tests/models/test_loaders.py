@@ -46,7 +46,7 @@ def test_any_torchvision_model_with_a_final_linear(tmp_path):
 
 
 def test_timm_models(tmp_path):
-    timm = pytest.importorskip("timm")
+    import timm
     net = timm.create_model("resnet18", pretrained=False, num_classes=3).eval()
     loaded = load_model("timm:resnet18", _save(net, tmp_path / "t.pth"))
     assert loaded.model.num_classes == 3 and loaded.prep.size == 224 and loaded.prep.interpolation == "bicubic"
