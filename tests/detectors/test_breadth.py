@@ -1,4 +1,4 @@
-"""Known answers for SCALE, GEN, RMDS / Mahalanobis++, Residual, GradNorm, SHE, fDBD and NNGuide."""
+"""Known answers for SCALE, GEN, RMDS / Mahalanobis++, Residual, GradNorm, SHE, fDBD, NCI and NNGuide."""
 
 import numpy as np
 import pytest
@@ -123,3 +123,13 @@ def test_nnguide_brute_force(data):
     want = torch.topk(q @ bank.T, 5, dim=1).values.mean(1) * torch.logsumexp(test.logits.double(), 1)
     assert torch.allclose(det.score(test), want, rtol=1e-5)
     assert len(det.state["bank"]) == 40
+
+
+def test_nci_brute_force(data):
+    head, train, test = data
+    mu = train.z.double().mean(0)
+    want = []
+    for z, logit in zip(test.z.double(), test.logits):
+        w = head.weight.double()[int(logit.argmax())]
+        want.append(float(w @ (z - mu) / (z - mu).norm() + 1e-3 * z.abs().sum()))
+    assert np.allclose(create("nci", alpha=1e-3).fit(train, head).score(test).numpy(), want)

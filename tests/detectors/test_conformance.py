@@ -54,6 +54,6 @@ def test_paper_defaults():
                 "odin": {"temperature": 1000.0, "eps": 0.0014}, "mahalanobis": {"normalize": False}, "knn": {"k": 50, "fraction": 1.0},
                 "vim": {"dim": None}, "scale": {"percentile": 85.0}, "gen": {"gamma": 0.1, "M": 100},
                 "rmds": {"normalize": False}, "gradnorm": {"temperature": 1.0}, "nnguide": {"k": 100, "fraction": 0.01},
-                "fdbd": {"distance_as_normalizer": True}, "residual": {"dim": None}, "she": {}}
+                "fdbd": {"distance_as_normalizer": True}, "residual": {"dim": None}, "she": {}, "nci": {"alpha": 1e-4}}
     for name, config in defaults.items():
         assert create(name).config() == config, name

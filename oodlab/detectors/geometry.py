@@ -1,4 +1,5 @@
-"""fDBD: feature distance to the decision boundaries, regularised by the distance to the ID mean (Liu & Qin, ICML 2024)."""
+"""The head's geometry around the ID mean: distance to the decision boundaries (fDBD, Liu & Qin, ICML 2024)
+and alignment with the predicted class's weight under neural collapse (NCI, CVPR 2025)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from ..features import Features
 from .base import Detector, register
 from .dice import mean_features
 
-__all__ = ["FDBD"]
+__all__ = ["FDBD", "NCI"]
 
 
 @register
@@ -44,3 +45,30 @@ class FDBD(Detector):
         boundary = ((top[:, None] - out).abs() / self.state["gaps"][pred]).sum(1) / (out.shape[1] - 1)
         norm = (z - self.state["mean"]).norm(dim=1) if self.distance_as_normalizer else z.norm(dim=1)
         return boundary / norm
+
+
+@register
+class NCI(Detector):
+    """``<w_yhat, z - mu> / ||z - mu|| + alpha * ||z||_1`` (alpha = 1e-4), ``mu`` the mean ID-train feature.
+
+    Under neural collapse, ID features centred on ``mu`` align with their class's head weight. This
+    is the form of OpenOOD's reference implementation (the alignment is not divided by
+    ``||w_yhat||``, so it is the cosine times the weight's norm), which the paper's authors contributed.
+    """
+
+    name = "nci"
+
+    def __init__(self, alpha: float = 1e-4) -> None:
+        super().__init__()
+        if not alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        self.alpha = alpha
+
+    def _fit(self, train: Features) -> None:
+        self.state["mean"] = mean_features(train.z)
+
+    def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
+        z = z.double()
+        centred = z - self.state["mean"]
+        w = self.weight.double()[logits.argmax(1)]
+        return (w * centred).sum(1) / centred.norm(dim=1) + self.alpha * z.abs().sum(1)
