@@ -4,7 +4,14 @@ Features of every data set are extracted once (and cached on disk), then every d
 them, so a sweep of N detectors costs one forward pass per data set, not N. Detectors that must
 see the input (``needs = "model"``) go back to the model for the evaluation sets only. A data set
 no detector of the run reads is not extracted at all: the ID training set only when some detector
-fits on it (``needs_train``), the OOD sets only when some detector scores features.
+fits on it (``needs_train``) and has not been fitted on it before, the OOD sets only when some
+detector scores features.
+
+Next to the feature cache, fitted detector states (keyed by model, training set and detector
+settings) and the per-sample scores of model-path detectors (keyed by model, data set and
+detector settings) are cached too, so a second run on the same model fits and back-propagates
+nothing again. Fitting and model-path scoring are deterministic for a device and thread count;
+an entry that cannot be read is recomputed.
 
 Each finished detector appends its rows to ``results.jsonl`` and its per-sample scores to
 ``scores/<key>.npz``; a re-run with the same output folder skips what is already there, so an
@@ -15,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from ..data.suites import Suite
 from ..detectors.base import Detector, score_with_model
@@ -31,6 +42,8 @@ from ..models.adapter import Classifier
 from ..runtime import progress
 
 __all__ = ["BenchContext", "detector_key", "run_detectors", "load_rows", "load_scores"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,11 +91,53 @@ def load_scores(out_dir: Path, key: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def _cached(ctx: BenchContext, kind: str, *parts: str) -> Path:
+    digest = hashlib.sha256("|".join((ctx.model_id, *parts)).encode()).hexdigest()[:24]
+    return Path(ctx.cache.root).parent / kind / digest
+
+
+def _fit_path(ctx: BenchContext, det: Detector) -> Path:
+    return _cached(ctx, "detectors", ctx.suite.id_train.fingerprint, detector_key(det)).with_suffix(".safetensors")
+
+
+def _load_fit(ctx: BenchContext, det: Detector) -> bool:
+    """Restore ``det``'s state fitted earlier on this model's training features; True if there was one."""
+    path = _fit_path(ctx, det)
+    if not det.needs_train or not path.is_file():
+        return False
+    try:
+        det.load_state_dict(load_file(str(path)))
+    except (SafetensorError, OSError) as exc:  # an unreadable entry is refitted, never used
+        log.warning("fitted-detector cache entry %s is unusable (%s); refitting", path.name, exc)
+        return False
+    return True
+
+
+def _save_fit(ctx: BenchContext, det: Detector) -> None:
+    path = _fit_path(ctx, det)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in det.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
 def _score(det: Detector, ctx: BenchContext, feats: Features | None, data) -> torch.Tensor:
-    if det.needs == "model":
-        return score_with_model(det, ctx.model, data, min(ctx.batch_size, 256), ctx.device)
-    assert feats is not None
-    return det.score(feats)
+    if det.needs == "features":
+        assert feats is not None
+        return det.score(feats)
+    batch = min(ctx.batch_size, 256)
+    path = _cached(ctx, "scores", data.fingerprint, detector_key(det), str(batch)).with_suffix(".npy")
+    if path.is_file():
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        except (OSError, ValueError) as exc:
+            log.warning("score cache entry %s is unusable (%s); recomputing", path.name, exc)
+    scores = score_with_model(det, ctx.model, data, batch, ctx.device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, scores.numpy())
+    tmp.replace(path)
+    return scores
 
 
 def run_detectors(ctx: BenchContext, detectors: list[Detector]) -> list[dict[str, Any]]:
@@ -92,19 +147,23 @@ def run_detectors(ctx: BenchContext, detectors: list[Detector]) -> list[dict[str
     done = {(r["key"], r["model_id"]) for r in load_rows(out)}
     todo = [d for d in detectors if (detector_key(d), ctx.model_id) not in done]
     if todo:
-        train, test, oods = ctx.features(train=any(d.needs_train for d in todo),
+        cached = {id(d) for d in todo if _load_fit(ctx, d)}
+        train, test, oods = ctx.features(train=any(d.needs_train and id(d) not in cached for d in todo),
                                          ood=any(d.needs == "features" for d in todo))
         for det in progress(todo, desc="detectors", unit="detector", leave=True):
-            _run_one(ctx, det, train, test, oods)
+            _run_one(ctx, det, train, test, oods, id(det) in cached)
     keys = {detector_key(d) for d in detectors}
     return [r for r in load_rows(out) if r["key"] in keys and r["model_id"] == ctx.model_id]
 
 
 def _run_one(ctx: BenchContext, det: Detector, train: Features | None, test: Features,
-             oods: dict[str, Features | None]) -> None:
+             oods: dict[str, Features | None], fit_cached: bool) -> None:
     key = detector_key(det)
     t0 = time.perf_counter()
-    det.fit(train if det.needs_train else None, ctx.model.head)
+    if not fit_cached:
+        det.fit(train if det.needs_train else None, ctx.model.head)
+        if det.needs_train:
+            _save_fit(ctx, det)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     scores = {"id": _score(det, ctx, test, ctx.suite.id_test).numpy()}
@@ -114,7 +173,8 @@ def _run_one(ctx: BenchContext, det: Detector, train: Features | None, test: Fea
     id_acc = float((det.logits(test).argmax(1) == test.labels).double().mean()) if test.labels is not None else float("nan")
     np.savez_compressed(ctx.out_dir / "scores" / f"{key}.npz", **scores)
     base = {"detector": det.name, "key": key, "params": det.config(), "model_id": ctx.model_id,
-            "suite": ctx.suite.name, "id_acc": id_acc, "fit_s": round(fit_s, 4), "score_s": round(score_s, 4)}
+            "suite": ctx.suite.name, "id_acc": id_acc, "fit_s": round(fit_s, 4), "fit_cached": fit_cached,
+            "score_s": round(score_s, 4)}
     rows = [{**base, "ood": name, "group": ctx.suite.group_of(name), **evaluate(scores["id"], scores[name])}
             for name in oods]
     with open(ctx.out_dir / "results.jsonl", "a") as f:

@@ -46,11 +46,15 @@ def moments(z: Tensor) -> tuple[Tensor, Tensor]:
     return means[0], cov
 
 
-def _squared_distances(z: Tensor, means: Tensor, precision: Tensor) -> Tensor:
+def _mean_norms(means: Tensor, precision: Tensor) -> Tensor:
+    """``mu_k^T P mu_k`` per mean: computed once at fit (it costs K D^2, more than scoring a batch)."""
+    return ((means @ precision) * means).sum(1)
+
+
+def _squared_distances(z: Tensor, means: Tensor, precision: Tensor, mean_norms: Tensor) -> Tensor:
     """(N, K) squared Mahalanobis distances of the rows of ``z`` to ``means`` (K, D) under ``precision``."""
     zp = z @ precision
-    d = (zp * z).sum(1, keepdim=True) - 2 * zp @ means.T + ((means @ precision) * means).sum(1)[None, :]
-    return d.clamp(min=0)
+    return ((zp * z).sum(1, keepdim=True) - 2 * zp @ means.T + mean_norms[None, :]).clamp(min=0)
 
 @register
 class Mahalanobis(Detector):
@@ -89,9 +93,14 @@ class Mahalanobis(Detector):
         means, cov = class_statistics(z, labels, num_classes)
         self.state["means"] = means
         self.state["precision"] = torch.linalg.pinv(cov, hermitian=True)
+        self.state["mean_norms"] = _mean_norms(means, self.state["precision"])
+
+    def _distances(self, z: Tensor) -> Tensor:
+        s = self.state
+        return _squared_distances(z, s["means"], s["precision"], s["mean_norms"])
 
     def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
-        return -_squared_distances(self._features(z), self.state["means"], self.state["precision"]).min(1).values
+        return -self._distances(self._features(z)).min(1).values
 
 
 @register
@@ -109,8 +118,10 @@ class RMDS(Mahalanobis):
         mean, cov = moments(self._features(train.z) if self.normalize else train.z)
         self.state["mean0"] = mean[None, :]
         self.state["precision0"] = torch.linalg.pinv(cov, hermitian=True)
+        self.state["mean_norm0"] = _mean_norms(self.state["mean0"], self.state["precision0"])
 
     def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
         z = self._features(z)
-        background = _squared_distances(z, self.state["mean0"], self.state["precision0"])
-        return -(_squared_distances(z, self.state["means"], self.state["precision"]) - background).min(1).values
+        s = self.state
+        background = _squared_distances(z, s["mean0"], s["precision0"], s["mean_norm0"])
+        return -(self._distances(z) - background).min(1).values

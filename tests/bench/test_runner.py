@@ -75,6 +75,34 @@ def test_only_the_sets_a_detector_reads_are_extracted(trained, tmp_path, monkeyp
     assert len(rows) == 2 * len(names) and all(0 <= r["auroc"] <= 1 for r in rows)
 
 
+def test_second_run_reuses_fitted_detectors_and_model_path_scores(trained, tmp_path, monkeypatch):
+    suite, model, _ = trained
+    cache = FeatureCache(tmp_path / "cache" / "features")
+    first = run_detectors(BenchContext(suite, model, "m", tmp_path / "a", cache, device="cpu"),
+                          [create("knn", k=3), create("flow", blocks=2), create("odin")])
+    import oodlab.bench.runner as runner
+    import oodlab.features as features
+
+    seen = []
+    real = features.extract
+    monkeypatch.setattr(features, "extract", lambda m, data, *a, **k: seen.append(data.name) or real(m, data, *a, **k))
+    monkeypatch.setattr(runner, "score_with_model", lambda *a, **k: pytest.fail("ODIN ran again"))
+    again = run_detectors(BenchContext(suite, model, "m", tmp_path / "b", FeatureCache(cache.root), device="cpu"),
+                          [create("knn", k=3), create("flow", blocks=2), create("odin")])
+    assert seen == []  # every feature set came from the cache, and no training set was needed
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("fit_s", "score_s", "fit_cached")} for r in rows]  # noqa: E731
+    assert strip(again) == strip(first)
+    assert {r["fit_cached"] for r in again if r["detector"] in ("knn", "flow")} == {True}
+    for key in {r["key"] for r in first}:
+        a, b = load_scores(tmp_path / "a", key), load_scores(tmp_path / "b", key)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    bad = next((tmp_path / "cache" / "detectors").iterdir())
+    bad.write_bytes(b"broken")  # an unusable entry is refitted, never used
+    third = run_detectors(BenchContext(suite, model, "m", tmp_path / "c", FeatureCache(cache.root), device="cpu"),
+                          [create("knn", k=3), create("flow", blocks=2)])
+    assert strip(third) == strip([r for r in first if r["detector"] != "odin"])
+
+
 def test_truncated_jsonl_line_is_ignored(tmp_path):
     (tmp_path / "results.jsonl").write_text(json.dumps({"key": "a"}) + "\n" + '{"key": "b", "aur')
     assert load_rows(tmp_path) == [{"key": "a"}]
