@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .data.base import BROKEN, ImageSet, batches
 from .models.adapter import Classifier, inference_input
-from .runtime import cache_dir, default_device, file_sha256, progress
+from .runtime import atomic_path, atomic_write_text, cache_dir, default_device, file_sha256, progress
 
 __all__ = ["Features", "extract", "FeatureCache", "UnreadableImagesError"]
 
@@ -165,8 +165,7 @@ class FeatureCache:
         t = {"z": feats.z.contiguous(), "logits": feats.logits.contiguous()}
         if feats.labels is not None:
             t["labels"] = feats.labels.contiguous()
-        tmp = tensors.with_suffix(".tmp")
-        save_file(t, str(tmp))
-        tmp.replace(tensors)
-        meta.write_text(json.dumps({"key": key, "sha256": file_sha256(tensors), "n": len(feats),
+        with atomic_path(tensors) as tmp:
+            save_file(t, str(tmp))
+        atomic_write_text(meta, json.dumps({"key": key, "sha256": file_sha256(tensors), "n": len(feats),
                                     "skipped": list(feats.skipped)}, sort_keys=True))

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from ..metrics import auroc, fpr_at_tpr
+from ..runtime import atomic_path
 
 __all__ = ["DPI", "DETECTOR_SIZE", "heatmap_size", "ood_color", "threshold_at_tpr", "detector_figure", "auroc_heatmap", "save_png"]
 
@@ -150,5 +151,6 @@ def save_png(fig: Figure, path: str | Path) -> Path:
     """Save ``fig`` at its own size as a PNG with no software/date stamp (reproducible bytes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
     return path

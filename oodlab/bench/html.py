@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime import atomic_write_text
 from .figures import auroc_heatmap, detector_figure, ood_color, save_png
 from .report import METRICS, _label, summary_rows
 from .runner import load_rows, load_scores
@@ -228,5 +229,5 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     heat = save_png(auroc_heatmap(rows, [*oods, "mean"], values, f"AUROC (%) on {_suite(runs[0])}"),
                     fig_dir / "auroc-heatmap.png")
     path = out / "report.html"
-    path.write_text(render_html(runs, heat.read_bytes(), detector_pngs), encoding="utf-8")
+    atomic_write_text(path, render_html(runs, heat.read_bytes(), detector_pngs))
     return path

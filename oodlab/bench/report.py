@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..runtime import atomic_path, atomic_write_text
+
 __all__ = ["METRICS", "summary_rows", "format_summary", "markdown", "write_tables"]
 
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
@@ -82,11 +84,11 @@ def write_tables(out_dir: str | Path, rows: list[dict[str, Any]], settings: dict
     """Write results.json (settings + rows), results.csv (one row per detector x OOD set) and results.md."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2, default=str))
+    atomic_write_text(out / "results.json", json.dumps({"settings": settings, "rows": rows}, indent=2, default=str))
     fields = ["detector", "key", "ood", "group", *METRICS, "id_acc", "fit_s", "score_s", "params"]
-    with open(out / "results.csv", "w", newline="") as f:
+    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({**r, "params": json.dumps(r["params"], sort_keys=True, default=str)})
-    (out / "results.md").write_text(markdown(rows, settings))
+    atomic_write_text(out / "results.md", markdown(rows, settings))

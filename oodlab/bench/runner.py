@@ -39,7 +39,7 @@ from ..detectors.base import Detector, score_with_model
 from ..features import FeatureCache, Features
 from ..metrics import evaluate
 from ..models.adapter import Classifier
-from ..runtime import progress
+from ..runtime import atomic_path, progress
 
 __all__ = ["BenchContext", "detector_key", "run_detectors", "load_rows", "load_scores"]
 
@@ -73,15 +73,20 @@ def detector_key(det: Detector) -> str:
 
 
 def load_rows(out_dir: Path) -> list[dict[str, Any]]:
-    """Rows already written to ``out_dir/results.jsonl`` (a truncated last line is ignored)."""
+    """Rows already written to ``out_dir/results.jsonl``: a truncated line is ignored, and a row that two
+    processes sharing the folder both wrote (the same detector, model and OOD set) is kept once."""
     path = Path(out_dir) / "results.jsonl"
-    rows = []
+    rows, seen = [], set()
     if path.exists():
         for line in path.read_text().splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                break
+                continue
+            ident = (row.get("key"), row.get("model_id"), row.get("ood"))
+            if ident not in seen:
+                seen.add(ident)
+                rows.append(row)
     return rows
 
 
@@ -114,11 +119,8 @@ def _load_fit(ctx: BenchContext, det: Detector) -> bool:
 
 
 def _save_fit(ctx: BenchContext, det: Detector) -> None:
-    path = _fit_path(ctx, det)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in det.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(_fit_path(ctx, det)) as tmp:
+        save_file({k: v.contiguous() for k, v in det.state_dict().items()}, str(tmp))
 
 
 def _score(det: Detector, ctx: BenchContext, feats: Features | None, data) -> torch.Tensor:
@@ -133,10 +135,8 @@ def _score(det: Detector, ctx: BenchContext, feats: Features | None, data) -> to
         except (OSError, ValueError) as exc:
             log.warning("score cache entry %s is unusable (%s); recomputing", path.name, exc)
     scores = score_with_model(det, ctx.model, data, batch, ctx.device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, scores.numpy())
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        np.save(tmp, scores.numpy())
     return scores
 
 
@@ -171,11 +171,20 @@ def _run_one(ctx: BenchContext, det: Detector, train: Features | None, test: Fea
         scores[name] = _score(det, ctx, feats, ctx.suite.ood[name]).numpy()
     score_s = time.perf_counter() - t0
     id_acc = float((det.logits(test).argmax(1) == test.labels).double().mean()) if test.labels is not None else float("nan")
-    np.savez_compressed(ctx.out_dir / "scores" / f"{key}.npz", **scores)
+    with atomic_path(ctx.out_dir / "scores" / f"{key}.npz") as tmp:
+        np.savez_compressed(tmp, **scores)
     base = {"detector": det.name, "key": key, "params": det.config(), "model_id": ctx.model_id,
             "suite": ctx.suite.name, "id_acc": id_acc, "fit_s": round(fit_s, 4), "fit_cached": fit_cached,
             "score_s": round(score_s, 4)}
     rows = [{**base, "ood": name, "group": ctx.suite.group_of(name), **evaluate(scores["id"], scores[name])}
             for name in oods]
-    with open(ctx.out_dir / "results.jsonl", "a") as f:
-        f.writelines(json.dumps(r, default=str) + "\n" for r in rows)
+    _append(ctx.out_dir / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+
+def _append(path: Path, text: str) -> None:
+    """Append ``text`` with one write of an O_APPEND file: processes sharing the folder never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..data.base import ImageSet, batches
 from ..features import Features
 from ..models.adapter import Classifier, inference_input
-from ..runtime import default_device, progress
+from ..runtime import atomic_path, atomic_write_text, default_device, progress
 
 __all__ = ["Detector", "NotFittedError", "ExportError", "REGISTRY", "register", "create", "available", "load_detector",
            "score_with_model", "energy"]
@@ -147,8 +147,9 @@ class Detector(ABC):
         self._check_fitted()
         path = Path(path).with_suffix(".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state.items()}, str(path))
-        path.with_suffix(".json").write_text(json.dumps({"detector": self.name, "config": self.config()}, indent=2))
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in self.state.items()}, str(tmp))
+        atomic_write_text(path.with_suffix(".json"), json.dumps({"detector": self.name, "config": self.config()}, indent=2))
         return path
 
     def __repr__(self) -> str:

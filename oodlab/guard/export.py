@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..detectors.base import ExportError
+from ..runtime import atomic_path
 
 if TYPE_CHECKING:
     from .core import Guard
@@ -67,15 +68,12 @@ def export_guard(guard: Guard, path: Path, format: str = "onnx") -> Path:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     graph = GuardGraph(guard).eval().requires_grad_(False)
     example = torch.rand(2, *guard.input_shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with torch.no_grad(), warnings.catch_warnings():
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporters' notes on tracing; the result is checked by the tests
         if format == "torchscript":
             torch.jit.save(torch.jit.trace(graph, (example,), check_trace=False), str(tmp))
         else:
             _onnx(graph, example, tmp)
-    tmp.replace(path)
     return path
 
 

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..runtime import file_sha256
+from ..runtime import atomic_path, atomic_write_text, file_sha256
 from .adapter import Classifier
 
 __all__ = ["build", "ARCHS", "save_checkpoint", "load_checkpoint", "checkpoint_fingerprint", "state_fingerprint",
@@ -112,10 +112,9 @@ def save_checkpoint(model: Classifier, path: str | Path, meta: dict[str, Any]) -
             raise CheckpointError(f"checkpoint metadata needs {key!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)  # atomic: an interrupted save never leaves a half-written checkpoint
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    with atomic_path(path) as tmp:  # an interrupted save never leaves a half-written checkpoint
+        save_file(state, str(tmp))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True))
     return path
 
 

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from ..data.base import ArrayDataset, ImageSet, batches
 from ..models.adapter import Classifier, inference_input
 from ..models.zoo import save_checkpoint
-from ..runtime import default_device, progress, seed_everything
+from ..runtime import atomic_path, atomic_write_text, default_device, progress, seed_everything
 
 __all__ = ["TrainConfig", "Objective", "train", "evaluate_accuracy", "augment", "shuffled_batches", "EpochHook"]
 
@@ -214,8 +214,8 @@ def _save_epoch(run: Path, model: Classifier, opt, sched, epoch: int, meta: dict
     state = {"epoch": torch.tensor(epoch), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "config": json.dumps(meta["train_config"], sort_keys=True), "objective": meta["objective"],
              "compute": meta["compute"], "objective_state": objective_state}
-    torch.save(state, run / "train_state.tmp")
-    (run / "train_state.tmp").replace(run / "train_state.pt")
+    with atomic_path(run / "train_state.pt") as tmp:
+        torch.save(state, tmp)
     with open(run / "history.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -249,5 +249,5 @@ def _resume(run: Path, model: Classifier, opt, sched, cfg: TrainConfig, objectiv
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     lines = (run / "history.jsonl").read_text().splitlines() if (run / "history.jsonl").exists() else []
-    (run / "history.jsonl").write_text("".join(line + "\n" for line in lines[:epoch]))
+    atomic_write_text(run / "history.jsonl", "".join(line + "\n" for line in lines[:epoch]))
     return epoch
