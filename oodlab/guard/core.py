@@ -303,6 +303,9 @@ def _read_info(directory: Path) -> dict[str, Any]:
         raise GuardError(f"{meta} lacks {', '.join(missing)}; rebuild the guard with `oodlab guard build`")
     if info["format"] != FORMAT:
         raise GuardError(f"{meta} has format {info['format']}; this oodlab reads format {FORMAT}")
+    if (not isinstance(info["model"], dict) or "fingerprint" not in info["model"] or not isinstance(info["files"], dict)
+            or not isinstance(info["rule"], dict) or not isinstance(info["input_shape"], list)):
+        raise GuardError(f"{meta} was edited into a shape oodlab did not write; rebuild the guard with `oodlab guard build`")
     return info
 
 

@@ -88,6 +88,10 @@ def test_save_load_round_trip_and_refusals(guard, tiny, tmp_path):
     (folder / "guard.json").write_text(json.dumps({"format": 1}))
     with pytest.raises(GuardError, match="lacks detector"):
         Guard.load(folder, model=tiny.model)
+    edited = {"format": 1, "detector": "energy", "rule": {}, "k": 1, "input_shape": [1, 8, 8], "model": {}, "files": {}}
+    (folder / "guard.json").write_text(json.dumps(edited))
+    with pytest.raises(GuardError, match="edited into a shape"):
+        Guard.load(folder, model=tiny.model)
 
 
 def test_oodlab_models_travel_inside_the_folder(tmp_path):
