@@ -26,12 +26,17 @@ from ..features import Features
 from ..models.adapter import Classifier
 from .base import Detector, energy, register
 
-__all__ = ["ASHP", "ASHB", "ASHS", "ash", "kept_count"]
+__all__ = ["ASHP", "ASHB", "ASHS", "ash", "kept_count", "sum_ratio"]
 
 
 def kept_count(n: int, percentile: float) -> int:
     """How many of ``n`` activations ASH keeps at ``percentile`` (``round`` is half-to-even, like NumPy's)."""
     return n - int(round(n * percentile / 100.0))
+
+
+def sum_ratio(s1: Tensor, s2: Tensor) -> Tensor:
+    """ASH-S's ``s1 / s2``, with 0 where the kept values sum to 0 (the official code would give NaN)."""
+    return torch.where(s2 != 0, s1 / torch.where(s2 != 0, s2, 1.0), 0.0)
 
 
 def ash(x: Tensor, percentile: float, variant: str) -> Tensor:
@@ -44,10 +49,7 @@ def ash(x: Tensor, percentile: float, variant: str) -> Tensor:
     if variant == "b":
         values = (x.sum(1, keepdim=True) / k).expand_as(values)
     elif variant == "s":
-        s1, s2 = x.sum(1, keepdim=True), values.sum(1, keepdim=True)
-        # a sample whose kept values sum to 0 is left unscaled (the official code would give NaN)
-        ratio = torch.where(s2 != 0, s1 / torch.where(s2 != 0, s2, 1.0), 0.0)
-        values = values * torch.exp(ratio)
+        values = values * torch.exp(sum_ratio(x.sum(1, keepdim=True), values.sum(1, keepdim=True)))
     elif variant != "p":
         raise ValueError(f"unknown ASH variant {variant!r}; use 'p', 'b' or 's'")
     return torch.zeros_like(x).scatter_(1, idx, values)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..features import Features
-from .ash import kept_count
+from .ash import kept_count, sum_ratio
 from .base import Detector, energy, register
 
 __all__ = ["SCALE", "scale_features"]
@@ -23,9 +23,7 @@ def scale_features(z: Tensor, percentile: float) -> Tensor:
     k = kept_count(int(z.shape[1]), percentile)
     if k < 1:
         raise ValueError(f"percentile {percentile} keeps no activation of {z.shape[1]}; use a smaller percentile")
-    s1, s2 = z.sum(1, keepdim=True), torch.topk(z, k, dim=1).values.sum(1, keepdim=True)
-    ratio = torch.where(s2 != 0, s1 / torch.where(s2 != 0, s2, 1.0), 0.0)
-    return z * torch.exp(ratio)
+    return z * torch.exp(sum_ratio(z.sum(1, keepdim=True), torch.topk(z, k, dim=1).values.sum(1, keepdim=True)))
 
 
 @register
