@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--param", action="append", metavar="DET.KEY=VALUE", help="detector parameter, e.g. ash-b.percentile=65")
     b.add_argument("--out", help="results folder (default: runs/<suite>-<date>); re-using one resumes")
     b.add_argument("--batch-size", type=int, default=512)
+    b.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32",
+                   help="storage of the cached features (float16: half the disk and read volume)")
 
     f = sub.add_parser("fit", help="fit one detector on a suite's ID training features and save it")
     _common(f)
@@ -198,7 +200,7 @@ def _bench(a: argparse.Namespace) -> None:
 
     run_bench(_data_spec(a), a.detectors, a.model, a.out, _detector_params(a.param), a.data_root, a.batch_size,
               a.device, command=shlex.join(["oodlab", *a.argv]), retrain=a.retrain, weights=a.weights,
-              fit_subset=a.fit_subset)
+              fit_subset=a.fit_subset, cache_dtype=a.cache_dtype)
 
 
 def _fit(a: argparse.Namespace) -> None:
@@ -210,7 +212,8 @@ def _fit(a: argparse.Namespace) -> None:
     loaded, suite = resolve(a.model, _data_spec(a), a.weights, a.data_root, a.device, a.fit_subset)
     if det.needs == "model":
         print(f"note: {det.name} also needs the model when scoring", file=sys.stderr)
-    train = FeatureCache().get(loaded.model, loaded.model_id, suite.id_train, device=a.device) if det.needs_train else None
+    train = (FeatureCache().get(loaded.model, loaded.model_id, suite.id_train, device=a.device, lazy=True)
+             if det.needs_train else None)
     path = det.fit(train, loaded.model.head).save(a.out)
     print(f"saved {det!r} to {path}")
 
@@ -280,9 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     handlers = {"train": _train, "bench": _bench, "fit": _fit, "score": _score, "guard": _guard, "report": _report,
                 "list": _list}
+    from . import distributed
+
     try:
+        if args.cmd in ("train", "bench"):
+            distributed.init()  # under torchrun: join the process group (gloo on CPU, NCCL on CUDA)
         handlers[args.cmd](args)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
+    except (ValueError, FileNotFoundError, TypeError, MemoryError) as exc:
         if args.debug or os.environ.get("OODLAB_DEBUG"):
             raise
         print(f"oodlab {args.cmd}: error: {exc}", file=sys.stderr)
@@ -291,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: finished epochs / detectors are saved; run the same command again to resume",
               file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 __all__ = ["default_device", "seed_everything", "cache_dir", "progress", "write_csv", "file_sha256", "atomic_path",
-           "atomic_write_text"]
+           "atomic_write_text", "available_memory"]
 
 
 def default_device() -> torch.device:
@@ -86,3 +86,14 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def available_memory() -> int:
+    """Bytes of memory free for new allocations (Linux ``MemAvailable``; else free physical pages)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

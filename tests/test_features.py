@@ -53,7 +53,7 @@ def test_cache_reuses_features(model, tiny_suite, tmp_path, monkeypatch):
 def test_corrupted_cache_is_rebuilt(model, tiny_suite, tmp_path, monkeypatch, caplog):
     cache = FeatureCache(tmp_path)
     good = cache.get(model, "m", tiny_suite.id_test, device="cpu")
-    (tensor_file,) = tmp_path.glob("*.safetensors")
+    (tensor_file,) = tmp_path.glob("*/shard-*.safetensors")
     raw = bytearray(tensor_file.read_bytes())
     raw[-5] ^= 0xFF
     tensor_file.write_bytes(bytes(raw))
@@ -65,13 +65,44 @@ def test_corrupted_cache_is_rebuilt(model, tiny_suite, tmp_path, monkeypatch, ca
 
 def test_stale_cache_is_rebuilt(model, tiny_suite, tmp_path, monkeypatch, caplog):
     FeatureCache(tmp_path).get(model, "m", tiny_suite.id_test, device="cpu")
-    (meta,) = tmp_path.glob("*.json")
+    (meta,) = tmp_path.glob("*/shard-*.json")
     info = json.loads(meta.read_text())
     info["key"]["data"] = "something-else"
     meta.write_text(json.dumps(info))
     calls = _count_calls(model, monkeypatch)
     FeatureCache(tmp_path).get(model, "m", tiny_suite.id_test, device="cpu")
     assert calls["n"] > 0 and "stale" in caplog.text
+
+
+def test_interrupted_extraction_resumes_at_the_first_unfinished_shard(model, tiny_suite, tmp_path, monkeypatch):
+    """48 items in shards of 16, batches of 8: a crash in shard 2 keeps shard 1; the re-run extracts shards 2-3."""
+    whole = extract(model, tiny_suite.id_test, batch_size=8, device="cpu")
+    calls = _count_calls(model, monkeypatch)
+    orig = model.features
+
+    def dies_on_third_batch(x):
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as a kill would stop it, mid-shard
+        return orig(x)
+
+    monkeypatch.setattr(model, "features", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        FeatureCache(tmp_path, shard_items=16).get(model, "m", tiny_suite.id_test, batch_size=8, device="cpu")
+    assert len(list(tmp_path.glob("*/shard-*.json"))) == 1
+    monkeypatch.setattr(model, "features", orig)
+    calls = _count_calls(model, monkeypatch)
+    again = FeatureCache(tmp_path, shard_items=16).get(model, "m", tiny_suite.id_test, batch_size=8, device="cpu")
+    assert calls["n"] == 4  # shards 2 and 3, two batches each; shard 1 was kept
+    assert torch.allclose(again.z, whole.z, atol=1e-6) and torch.equal(again.labels, whole.labels)
+
+
+def test_lazy_features_read_from_shards(model, tiny_suite, tmp_path):
+    cache = FeatureCache(tmp_path, shard_items=16)
+    lazy = cache.get(model, "m", tiny_suite.id_test, batch_size=8, device="cpu", lazy=True)
+    full = cache.get(model, "m", tiny_suite.id_test, batch_size=8, device="cpu")
+    assert len(lazy.records) == 3 and len(lazy) == len(full) == 48 and lazy.dim == full.dim
+    assert torch.equal(torch.cat([c.z for c in lazy.chunks(5)]), full.z)
+    assert cache.extractions == 1
 
 
 def test_features_validation():

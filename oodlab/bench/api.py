@@ -9,6 +9,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .. import distributed
 from ..detectors.base import Detector, available, create
 from ..features import FeatureCache
 from ..specs import DataSpec, resolve
@@ -51,18 +54,28 @@ def run_bench(suite: DataSpec = "fashionmnist", detectors: str | list[str] | Non
               params: dict[str, dict[str, Any]] | None = None, data_root: str | Path | None = None,
               batch_size: int = 512, device: str | None = None, command: str | None = None,
               verbose: bool = True, retrain: bool = False, weights: str | Path | None = None,
-              fit_subset: int | None = None) -> list[dict[str, Any]]:
+              fit_subset: int | None = None, cache_dtype: str = "float32") -> list[dict[str, Any]]:
     """Evaluate ``detectors`` on ``suite`` (see :func:`oodlab.specs.resolve`) with the model ``checkpoint``
     (an oodlab checkpoint, ``torchvision:NAME`` or ``timm:NAME`` with ``weights``; default: oodlab's
     shipped default model, or with ``retrain`` one trained with the default recipe on first use) and
-    write results into ``out_dir``. Returns the result rows."""
+    write results into ``out_dir``. Returns the result rows. ``cache_dtype="float16"`` stores the
+    cached features in half precision (half the disk and read volume; scores then see rounded features).
+
+    Under ``torchrun`` every rank extracts its own part of each data set into the shared feature
+    cache; rank 0 alone fits, scores and writes (the other ranks return an empty list)."""
+    if cache_dtype not in ("float32", "float16"):
+        raise ValueError(f"cache_dtype must be 'float32' or 'float16', got {cache_dtype!r}")
     dets = parse_detectors(detectors, params)
     loaded, suite_obj = resolve(checkpoint, suite, weights, data_root, device, fit_subset, retrain=retrain)
     model, meta, model_id = loaded.model, loaded.meta, loaded.model_id
-    out = Path(out_dir) if out_dir is not None else Path("runs") / f"{suite_obj.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = distributed.broadcast_object(time.strftime('%Y%m%d-%H%M%S'))  # one folder for every rank
+    out = Path(out_dir) if out_dir is not None else Path("runs") / f"{suite_obj.name}-{stamp}"
     t0 = time.perf_counter()
-    ctx = BenchContext(suite_obj, model, model_id, out, FeatureCache(), batch_size, device)
+    cache = FeatureCache(storage=getattr(torch, cache_dtype))
+    ctx = BenchContext(suite_obj, model, model_id, out, cache, batch_size, device)
     rows = run_detectors(ctx, dets)
+    if not distributed.is_main():
+        return rows
     settings = {
         "suite": suite_obj.name, "checkpoint": loaded.spec, "model_id": model_id,
         "model_meta": {k: meta.get(k) for k in ("arch", "num_classes", "in_channels", "epoch", "objective", "source",

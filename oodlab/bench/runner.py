@@ -36,7 +36,8 @@ from safetensors.torch import load_file, save_file
 
 from ..data.suites import Suite
 from ..detectors.base import Detector, score_with_model
-from ..features import FeatureCache, Features
+from .. import distributed
+from ..features import FeatureCache, FeatureSource
 from ..metrics import evaluate
 from ..models.adapter import Classifier
 from ..runtime import atomic_path, progress
@@ -58,10 +59,13 @@ class BenchContext:
     batch_size: int = 512
     device: torch.device | str | None = None
 
-    def features(self, train: bool = True, ood: bool = True) -> tuple[Features | None, Features, dict[str, Features | None]]:
-        """(ID train, ID test, {OOD name: features}), from the cache when possible; ``train`` / ``ood``
-        False leave those sets unextracted (None). ID test is always read: it gives the ID accuracy."""
-        get = lambda data: self.cache.get(self.model, self.model_id, data, self.batch_size, self.device)  # noqa: E731
+    def features(self, train: bool = True, ood: bool = True) -> tuple[FeatureSource | None, FeatureSource,
+                                                                      dict[str, FeatureSource | None]]:
+        """(ID train, ID test, {OOD name: features}), from the cache when possible and read from its shards
+        on disk (never all in memory); ``train`` / ``ood`` False leave those sets unextracted (None).
+        ID test is always read: it gives the ID accuracy. Under ``torchrun`` every rank extracts its part."""
+        get = lambda data: self.cache.get(self.model, self.model_id, data, self.batch_size, self.device,  # noqa: E731
+                                          lazy=True)
         return (get(self.suite.id_train) if train else None, get(self.suite.id_test),
                 {k: get(v) if ood else None for k, v in self.suite.ood.items()})
 
@@ -123,7 +127,7 @@ def _save_fit(ctx: BenchContext, det: Detector) -> None:
         save_file({k: v.contiguous() for k, v in det.state_dict().items()}, str(tmp))
 
 
-def _score(det: Detector, ctx: BenchContext, feats: Features | None, data) -> torch.Tensor:
+def _score(det: Detector, ctx: BenchContext, feats: FeatureSource | None, data) -> torch.Tensor:
     if det.needs == "features":
         assert feats is not None
         return det.score(feats)
@@ -141,7 +145,10 @@ def _score(det: Detector, ctx: BenchContext, feats: Features | None, data) -> to
 
 
 def run_detectors(ctx: BenchContext, detectors: list[Detector]) -> list[dict[str, Any]]:
-    """Fit and score every detector, append rows per detector, skip detectors already done."""
+    """Fit and score every detector, append rows per detector, skip detectors already done.
+
+    Under ``torchrun`` every rank takes part in the extraction; then only rank 0 fits, scores and
+    writes (the other ranks return an empty list)."""
     out = Path(ctx.out_dir)
     (out / "scores").mkdir(parents=True, exist_ok=True)
     done = {(r["key"], r["model_id"]) for r in load_rows(out)}
@@ -150,14 +157,16 @@ def run_detectors(ctx: BenchContext, detectors: list[Detector]) -> list[dict[str
         cached = {id(d) for d in todo if _load_fit(ctx, d)}
         train, test, oods = ctx.features(train=any(d.needs_train and id(d) not in cached for d in todo),
                                          ood=any(d.needs == "features" for d in todo))
+        if not distributed.is_main():
+            return []
         for det in progress(todo, desc="detectors", unit="detector", leave=True):
             _run_one(ctx, det, train, test, oods, id(det) in cached)
     keys = {detector_key(d) for d in detectors}
     return [r for r in load_rows(out) if r["key"] in keys and r["model_id"] == ctx.model_id]
 
 
-def _run_one(ctx: BenchContext, det: Detector, train: Features | None, test: Features,
-             oods: dict[str, Features | None], fit_cached: bool) -> None:
+def _run_one(ctx: BenchContext, det: Detector, train: FeatureSource | None, test: FeatureSource,
+             oods: dict[str, FeatureSource | None], fit_cached: bool) -> None:
     key = detector_key(det)
     t0 = time.perf_counter()
     if not fit_cached:
@@ -170,15 +179,23 @@ def _run_one(ctx: BenchContext, det: Detector, train: Features | None, test: Fea
     for name, feats in oods.items():
         scores[name] = _score(det, ctx, feats, ctx.suite.ood[name]).numpy()
     score_s = time.perf_counter() - t0
-    id_acc = float((det.logits(test).argmax(1) == test.labels).double().mean()) if test.labels is not None else float("nan")
+    id_acc = _accuracy(det, test)
     with atomic_path(ctx.out_dir / "scores" / f"{key}.npz") as tmp:
         np.savez_compressed(tmp, **scores)
     base = {"detector": det.name, "key": key, "params": det.config(), "model_id": ctx.model_id,
             "suite": ctx.suite.name, "id_acc": id_acc, "fit_s": round(fit_s, 4), "fit_cached": fit_cached,
-            "score_s": round(score_s, 4)}
+            "score_s": round(score_s, 4), **({"approximate": True} if det.approximate else {})}
     rows = [{**base, "ood": name, "group": ctx.suite.group_of(name), **evaluate(scores["id"], scores[name])}
             for name in oods]
     _append(ctx.out_dir / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+
+def _accuracy(det: Detector, test: FeatureSource) -> float:
+    """ID top-1 accuracy of the logits ``det`` classifies with, chunk by chunk (NaN without labels)."""
+    if test.labels is None:
+        return float("nan")
+    right = sum(int((det.logits(c).argmax(1) == c.labels).sum()) for c in test.chunks())
+    return right / len(test)
 
 
 def _append(path: Path, text: str) -> None:

@@ -96,17 +96,23 @@ def default_workers() -> int:
     return int(os.environ.get("OODLAB_WORKERS") or os.cpu_count() or 1)
 
 
-def batches(data: ImageSet, batch_size: int, workers: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(x, y)`` batches in order; slices in-memory sets directly (much faster than a DataLoader).
+def batches(data: ImageSet, batch_size: int, workers: int | None = None, start: int = 0,
+            stop: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(x, y)`` batches of items ``[start, stop)`` (default: all) in order; slices in-memory sets
+    directly (much faster than a DataLoader).
 
     Files are decoded by ``workers`` DataLoader processes (default :func:`default_workers`; 0 = in
     this process), each prefetching 4 batches, into pinned memory when a GPU will take them.
     """
     ds = data.dataset
+    stop = len(ds) if stop is None else stop
     if isinstance(ds, ArrayDataset):
-        for i in range(0, len(ds), batch_size):
-            yield ds.images[i : i + batch_size].float().div_(255), ds.labels[i : i + batch_size]
+        for i in range(start, stop, batch_size):
+            j = min(i + batch_size, stop)
+            yield ds.images[i:j].float().div_(255), ds.labels[i:j]
         return
+    if (start, stop) != (0, len(ds)):
+        ds = torch.utils.data.Subset(ds, range(start, stop))
     workers = default_workers() if workers is None else workers
     n_batches = (len(ds) + batch_size - 1) // batch_size
     workers = min(workers, n_batches) if n_batches > 1 else 0  # a single batch gains nothing from a worker

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..data.base import ImageSet, batches
-from ..features import Features
+from ..features import Features, FeatureSource, chunk_rows
 from ..models.adapter import Classifier, inference_input
 from ..runtime import atomic_path, atomic_write_text, default_device, progress
 
@@ -66,32 +66,32 @@ class Detector(ABC):
         self.state: dict[str, Tensor] = {}
 
     # -- public contract ----------------------------------------------------------------------
-    def fit(self, train: Features | None, head: nn.Linear) -> Self:
-        """Learn ID statistics from ``train`` (ID training features) and the classifier's ``head``.
-
-        ``train`` may be None for detectors with ``needs_train = False``.
+    def fit(self, train: FeatureSource | None, head: nn.Linear) -> Self:
+        """Learn ID statistics from ``train`` (ID training features, in memory or
+        :class:`~oodlab.features.StoredFeatures` on disk: fits read them chunk by chunk) and the
+        classifier's ``head``. ``train`` may be None for detectors with ``needs_train = False``.
         """
         if train is None:
             if self.needs_train:
                 raise ValueError(f"{self.name} learns from ID training features: pass them to fit")
         else:
             _check_features(train, "training features")
-            if head.in_features != train.z.shape[1]:
-                raise ValueError(f"head expects {head.in_features}-d features but z is {train.z.shape[1]}-d")
+            if head.in_features != train.dim:
+                raise ValueError(f"head expects {head.in_features}-d features but z is {train.dim}-d")
         self.state = {"weight": head.weight.detach().float().cpu().clone(),
                       "bias": (head.bias.detach() if head.bias is not None else torch.zeros(head.out_features)).float().cpu().clone()}
         if train is not None:
             self._fit(train)
         return self
 
-    def score(self, feats: Features) -> Tensor:
-        """ID-ness score per sample, float64 (N,), higher = more in-distribution."""
+    def score(self, feats: FeatureSource) -> Tensor:
+        """ID-ness score per sample, float64 (N,), higher = more in-distribution (chunk by chunk)."""
         self._check_fitted()
         if self.needs == "model":
             raise TypeError(f"{self.name} needs the model: use score_with_model(detector, model, data)")
         _check_features(feats, "features")
-        if feats.z.shape[1] != self.state["weight"].shape[1]:
-            raise ValueError(f"{self.name} was fitted on {self.state['weight'].shape[1]}-d features, got {feats.z.shape[1]}-d")
+        if feats.dim != self.state["weight"].shape[1]:
+            raise ValueError(f"{self.name} was fitted on {self.state['weight'].shape[1]}-d features, got {feats.dim}-d")
         s = self._score(feats).double()
         if s.shape != (len(feats),):
             raise AssertionError(f"{self.name} returned scores of shape {tuple(s.shape)}")
@@ -117,6 +117,11 @@ class Detector(ABC):
     def score_inputs(self, model: Classifier, x: Tensor) -> Tensor:
         """Scores for a batch of inputs ``x`` (only for ``needs = "model"`` detectors)."""
         raise TypeError(f"{self.name} scores cached features; call score(features)")
+
+    @property
+    def approximate(self) -> bool:
+        """True when the score is an approximation of the method's (e.g. an IVF neighbour search)."""
+        return False
 
     @property
     def fitted(self) -> bool:
@@ -157,25 +162,24 @@ class Detector(ABC):
         return f"{type(self).__name__}({args})"
 
     # -- hooks -------------------------------------------------------------------------------
-    def _fit(self, train: Features) -> None:
+    def _fit(self, train: FeatureSource) -> None:
         """Learn extra state from ID training features (default: nothing beyond the head)."""
 
-    def _score(self, feats: Features) -> Tensor:
-        """Default: :meth:`tensor_score` over chunks of :attr:`score_chunk` rows."""
+    def _score(self, feats: FeatureSource) -> Tensor:
+        """Default: :meth:`tensor_score` over chunks of at most :attr:`score_chunk` rows."""
         if type(self).tensor_score is Detector.tensor_score:
             raise TypeError(f"{type(self).__name__} must implement tensor_score, _score or score_inputs")
-        n = self.score_chunk
-        return torch.cat([self.tensor_score(feats.z[i:i + n], feats.logits[i:i + n]) for i in range(0, len(feats), n)])
+        return torch.cat([self.tensor_score(c.z, c.logits) for c in feats.chunks(min(self.score_chunk, chunk_rows(feats.dim)))])
 
     def _check_fitted(self) -> None:
         if not self.fitted:
             raise NotFittedError(f"{self.name} is not fitted: call fit(train_features, head) first")
 
 
-def _check_features(feats: Features, what: str) -> None:
+def _check_features(feats: FeatureSource, what: str) -> None:
     if len(feats) == 0:
         raise ValueError(f"{what} are empty")
-    if not torch.isfinite(feats.z).all() or not torch.isfinite(feats.logits).all():
+    if not feats.all_finite():
         raise ValueError(f"{what} contain NaN or inf values; check the model and the input data")
 
 

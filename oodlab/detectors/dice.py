@@ -7,22 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..features import Features
+from ..features import Features, FeatureSource
 from .base import Detector, energy, register
 from .react import activation_percentile
+from .stats import mean_features
 
-__all__ = ["DICE", "DICEReAct", "dice_mask", "mean_features"]
-
-CHUNK = 65536
-
-
-def mean_features(z: Tensor) -> Tensor:
-    """Mean of ``z`` over samples, accumulated in float64 chunk by chunk."""
-    total = torch.zeros(z.shape[1], dtype=torch.float64)
-    for i in range(0, z.shape[0], CHUNK):
-        total += z[i : i + CHUNK].double().sum(0)
-    return total / z.shape[0]
-
+__all__ = ["DICE", "DICEReAct", "dice_mask"]
 
 def dice_mask(weight: Tensor, mean: Tensor, p: float) -> Tensor:
     """Boolean (C, D) mask of the weights whose contribution ``W[c, j] * mean[j]`` is kept.
@@ -55,8 +45,8 @@ class DICE(Detector):
             raise ValueError(f"p (percent of weights pruned) must be in [0, 100), got {p}")
         self.p = p
 
-    def _fit(self, train: Features) -> None:
-        self.state["mean"] = mean_features(train.z)
+    def _fit(self, train: FeatureSource) -> None:
+        self.state["mean"] = mean_features(train)
         self.state["mask"] = dice_mask(self.weight, self.state["mean"], self.p)
 
     def _clipped(self, z: Tensor) -> Tensor:
@@ -89,9 +79,9 @@ class DICEReAct(DICE):
             raise ValueError(f"react_percentile must be in [0, 100], got {react_percentile}")
         self.react_percentile = react_percentile
 
-    def _fit(self, train: Features) -> None:
+    def _fit(self, train: FeatureSource) -> None:
         super()._fit(train)
-        self.state["clip"] = torch.tensor([activation_percentile(train.z, self.react_percentile)], dtype=torch.float64)
+        self.state["clip"] = torch.tensor([activation_percentile(train, self.react_percentile)], dtype=torch.float64)
 
     def _clipped(self, z: Tensor) -> Tensor:
         return z.double().clamp(max=self.state["clip"])

@@ -60,7 +60,7 @@ from zuko.distributions import DiagNormal
 from zuko.lazy import Flow, LazyTransform, UnconditionalDistribution
 from zuko.transforms import CouplingTransform
 
-from ..features import Features
+from ..features import Features, FeatureSource
 from ..runtime import default_device, progress
 from .base import Detector, register
 
@@ -69,7 +69,6 @@ __all__ = ["FlowDensity", "build_flow", "glow_steps", "glow_log_prob", "initiali
 FLOW_KINDS = ("glow", "realnvp", "maf")
 NORMALIZATIONS = ("l2", "standard", "none")
 _EPS = 1e-6  # ActNorm's and the standardisation's guard against zero variance (dead units)
-_STAT_CHUNK = 8192
 
 
 class _ActNorm(LazyTransform):
@@ -297,16 +296,16 @@ class FlowDensity(Detector):
         return self
 
     # -- fitting ------------------------------------------------------------------------------
-    def _fit(self, train: Features) -> None:
+    def _fit(self, train: FeatureSource) -> None:
         if len(train) < 2:
             raise ValueError(f"flow needs at least 2 training samples, got {len(train)}")
         if self.normalize == "standard":
-            self._fit_standardization(train.z)
+            self._fit_standardization(train)
         device = default_device()
         shuffle = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            flow = build_flow(self.kind, train.z.shape[1], self.blocks).to(device)
+            flow = build_flow(self.kind, train.dim, self.blocks).to(device)
         optimizer = torch.optim.Adam(flow.parameters(), lr=self.lr)
         n = len(train)
         steps = (n + self.batch_size - 1) // self.batch_size
@@ -314,11 +313,9 @@ class FlowDensity(Detector):
         bar = progress(total=self.epochs * steps, desc=f"flow fit ({self.epochs} epoch(s))", unit="step")
         try:
             for epoch in range(self.epochs):
-                order = torch.randperm(n, generator=shuffle)
                 total = 0.0
-                for step in range(steps):
-                    x = self._normalized(train.z[order[step * self.batch_size:(step + 1) * self.batch_size]])
-                    x = x.to(device, torch.float32)
+                for step, z in enumerate(train.shuffled_batches(self.batch_size, shuffle)):
+                    x = self._normalized(z).to(device, torch.float32)
                     if epoch == 0 and step == 0:
                         initialize_actnorm(flow, x)
                     loss = -flow().log_prob(x).mean()
@@ -340,15 +337,15 @@ class FlowDensity(Detector):
         self.state["train_nll"] = torch.tensor(history, dtype=torch.float64)
         self._flow, self._steps = flow.double().requires_grad_(False), None
 
-    def _fit_standardization(self, z: Tensor) -> None:
-        total = torch.zeros(z.shape[1], dtype=torch.float64)
+    def _fit_standardization(self, train: FeatureSource) -> None:
+        total = torch.zeros(train.dim, dtype=torch.float64)
         squares = torch.zeros_like(total)
-        for i in range(0, len(z), _STAT_CHUNK):
-            chunk = z[i:i + _STAT_CHUNK].double()
-            total += chunk.sum(0)
-            squares += chunk.square().sum(0)
-        mean = total / len(z)
-        var = (squares / len(z) - mean.square()).clamp_min(0.0)
+        for chunk in train.chunks():
+            z = chunk.z.double()
+            total += z.sum(0)
+            squares += z.square().sum(0)
+        mean = total / len(train)
+        var = (squares / len(train) - mean.square()).clamp_min(0.0)
         self.state["norm.mean"] = mean
         self.state["norm.std"] = var.sqrt() + _EPS
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..features import Features
+from ..features import FeatureSource
 from .base import Detector, register
-from .dice import mean_features
+from .stats import mean_features
 
 __all__ = ["FDBD", "NCI"]
 
@@ -32,8 +32,8 @@ class FDBD(Detector):
             raise ValueError(f"distance_as_normalizer must be True or False, got {distance_as_normalizer!r}")
         self.distance_as_normalizer = distance_as_normalizer
 
-    def _fit(self, train: Features) -> None:
-        self.state["mean"] = mean_features(train.z)
+    def _fit(self, train: FeatureSource) -> None:
+        self.state["mean"] = mean_features(train)
         w = self.weight.double()
         gaps = (w[:, None, :] - w[None, :, :]).norm(dim=2)  # (C, C) ||w_p - w_j||
         self.state["gaps"] = gaps + torch.eye(len(w), dtype=torch.float64)  # the j = p term is 0 / 1
@@ -64,8 +64,8 @@ class NCI(Detector):
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         self.alpha = alpha
 
-    def _fit(self, train: Features) -> None:
-        self.state["mean"] = mean_features(train.z)
+    def _fit(self, train: FeatureSource) -> None:
+        self.state["mean"] = mean_features(train)
 
     def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
         z = z.double()

@@ -12,39 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..features import Features
+from ..features import FeatureSource
 from .base import Detector, register
+from .stats import Moments, class_moments
 
-__all__ = ["Mahalanobis", "RMDS", "class_statistics", "moments"]
-
-CHUNK = 65536
-
-
-def class_statistics(z: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Class means (C, D) and the shared covariance (D, D) of ``z`` around them, both float64.
-
-    Streams over ``z`` in chunks with running float64 sums; the covariance is the maximum-likelihood
-    one (divided by N), as sklearn's ``EmpiricalCovariance`` gives on class-centred features.
-    """
-    d = z.shape[1]
-    sums = torch.zeros(num_classes, d, dtype=torch.float64)
-    counts = torch.zeros(num_classes, dtype=torch.float64)
-    scatter = torch.zeros(d, d, dtype=torch.float64)
-    for i in range(0, z.shape[0], CHUNK):
-        zc, yc = z[i : i + CHUNK].double(), labels[i : i + CHUNK]
-        sums.index_add_(0, yc, zc)
-        counts += torch.bincount(yc, minlength=num_classes).double()
-        scatter += zc.T @ zc
-    means = sums / counts[:, None]
-    cov = (scatter - (means.T * counts) @ means) / z.shape[0]
-    return means, (cov + cov.T) / 2
-
-
-def moments(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean (D,) and maximum-likelihood covariance (D, D) of all rows of ``z``, float64, in chunks."""
-    means, cov = class_statistics(z, torch.zeros(len(z), dtype=torch.long), 1)
-    return means[0], cov
-
+__all__ = ["Mahalanobis", "RMDS"]
 
 def _mean_norms(means: Tensor, precision: Tensor) -> Tensor:
     """``mu_k^T P mu_k`` per mean: computed once at fit (it costs K D^2, more than scoring a batch)."""
@@ -79,21 +51,25 @@ class Mahalanobis(Detector):
         z = z.double()
         return z / (z.norm(dim=1, keepdim=True) + 1e-10) if self.normalize else z
 
-    def _fit(self, train: Features) -> None:
-        if train.labels is None:
-            raise ValueError("mahalanobis needs the class labels of the ID training features")
+    def _fit(self, train: FeatureSource) -> None:
+        self._fit_moments(self._moments(train))
+
+    def _moments(self, train: FeatureSource) -> Moments:
+        labels = train.labels
+        if labels is None:
+            raise ValueError(f"{self.name} needs the class labels of the ID training features")
         num_classes = self.weight.shape[0]
-        labels = train.labels.long()
         if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
             raise ValueError(f"training labels must lie in [0, {num_classes}) to match the head")
         missing = sorted(set(range(num_classes)) - set(labels.unique().tolist()))
         if missing:
-            raise ValueError(f"classes {missing} have no training features; mahalanobis needs every class")
-        z = self._features(train.z) if self.normalize else train.z
-        means, cov = class_statistics(z, labels, num_classes)
-        self.state["means"] = means
-        self.state["precision"] = torch.linalg.pinv(cov, hermitian=True)
-        self.state["mean_norms"] = _mean_norms(means, self.state["precision"])
+            raise ValueError(f"classes {missing} have no training features; {self.name} needs every class")
+        return class_moments(train, num_classes, self._features if self.normalize else None)
+
+    def _fit_moments(self, m: Moments) -> None:
+        self.state["means"] = m.class_means()
+        self.state["precision"] = torch.linalg.pinv(m.shared_covariance(), hermitian=True)
+        self.state["mean_norms"] = _mean_norms(self.state["means"], self.state["precision"])
 
     def _distances(self, z: Tensor) -> Tensor:
         s = self.state
@@ -113,11 +89,10 @@ class RMDS(Mahalanobis):
 
     name = "rmds"
 
-    def _fit(self, train: Features) -> None:
-        super()._fit(train)
-        mean, cov = moments(self._features(train.z) if self.normalize else train.z)
-        self.state["mean0"] = mean[None, :]
-        self.state["precision0"] = torch.linalg.pinv(cov, hermitian=True)
+    def _fit_moments(self, m: Moments) -> None:
+        super()._fit_moments(m)  # the background Gaussian comes from the same one pass
+        self.state["mean0"] = m.mean()[None, :]
+        self.state["precision0"] = torch.linalg.pinv(m.covariance(), hermitian=True)
         self.state["mean_norm0"] = _mean_norms(self.state["mean0"], self.state["precision0"])
 
     def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..features import Features
+from ..features import FeatureSource
 from .base import Detector, energy, register
 from .knn import l2_normalise
 
@@ -34,13 +34,13 @@ class NNGuide(Detector):
         self.k = int(k)
         self.fraction = fraction
 
-    def _fit(self, train: Features) -> None:
+    def _fit(self, train: FeatureSource) -> None:
         if len(train) < self.k:
             raise ValueError(f"k={self.k} needs at least {self.k} training features, got {len(train)}; lower k")
         n = max(self.k, int(round(self.fraction * len(train))))
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n].sort().values
-        z = train.z[idx]
-        self.state["bank"] = (l2_normalise(z).double() * energy(train.logits[idx])[:, None]).float()
+        bank = train.take(idx)
+        self.state["bank"] = (l2_normalise(bank.z).double() * energy(bank.logits)[:, None]).float()
 
     def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
         sims = l2_normalise(z) @ self.state["bank"].T

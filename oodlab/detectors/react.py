@@ -7,28 +7,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..features import Features
+from ..features import Features, FeatureSource
+from . import stats
 from .base import Detector, energy, register
 
 __all__ = ["ReAct", "activation_percentile"]
 
-#: At most this many activations enter the percentile; above it, whole rows are subsampled (seed 0).
-MAX_PERCENTILE_ENTRIES = 1 << 24
+def activation_percentile(train: FeatureSource, percentile: float) -> float:
+    """The ``percentile``-th percentile of all entries of ``z`` over ``train`` (NumPy's linear interpolation).
 
-
-def activation_percentile(z: Tensor, percentile: float) -> float:
-    """The ``percentile``-th percentile of all entries of ``z`` (NumPy's linear interpolation).
-
-    The official code takes it over the flattened pooled activations of ~2,000 ID images. We use ID
-    training features; when they hold more than :data:`MAX_PERCENTILE_ENTRIES` values (ImageNet:
-    1.28M x 2048) a seeded random subset of rows is used, which keeps memory bounded and is far
-    larger than the official 2,000-image sample.
+    The official code takes it over the flattened pooled activations of ~2,000 ID images; we use all
+    ID training features, exactly (:func:`oodlab.detectors.stats.percentile` streams over chunks, so
+    ImageNet's 1.28M x 2048 activations need memory for one chunk).
     """
-    rows = max(1, MAX_PERCENTILE_ENTRIES // max(1, z.shape[1]))
-    if z.shape[0] > rows:
-        idx = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(0))[:rows]
-        z = z[idx]
-    return float(np.percentile(z.double().numpy().ravel(), percentile))
+    return stats.percentile(train, percentile)
 
 
 @register
@@ -55,8 +47,8 @@ class ReAct(Detector):
         """The clipping value ``c`` in use."""
         return float(self.state["clip"])
 
-    def _fit(self, train: Features) -> None:
-        c = self.threshold if self.threshold is not None else activation_percentile(train.z, self.percentile)
+    def _fit(self, train: FeatureSource) -> None:
+        c = self.threshold if self.threshold is not None else activation_percentile(train, self.percentile)
         self.state["clip"] = torch.tensor([c], dtype=torch.float64)
 
     def logits(self, feats: Features) -> Tensor:

@@ -7,16 +7,10 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..features import Features
+from ..features import FeatureSource
 from .base import Detector, register
 
 __all__ = ["SHE"]
-
-
-def _class_means(z: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    sums = torch.zeros(num_classes, z.shape[1], dtype=torch.float64).index_add_(0, labels.long(), z.double())
-    counts = torch.bincount(labels.long(), minlength=num_classes)
-    return sums / counts.clamp(min=1)[:, None], counts
 
 
 @register
@@ -30,21 +24,30 @@ class SHE(Detector):
 
     name = "she"
 
-    def _fit(self, train: Features) -> None:
-        if train.labels is None:
+    def _fit(self, train: FeatureSource) -> None:
+        labels = train.labels
+        if labels is None:
             raise ValueError("she needs the class labels of the ID training features")
         num_classes = self.weight.shape[0]
-        pred = train.logits.argmax(1)
-        keep = pred == train.labels
-        patterns, counts = _class_means(train.z[keep], train.labels[keep], num_classes)
+        right = torch.zeros(num_classes, train.dim, dtype=torch.float64)
+        every = torch.zeros_like(right)
+        counts = torch.zeros(num_classes, dtype=torch.long)
+        total = torch.zeros(num_classes, dtype=torch.long)
+        for chunk in train.chunks():
+            z, y = chunk.z.double(), chunk.labels.long()
+            keep = chunk.logits.argmax(1) == y
+            right.index_add_(0, y[keep], z[keep])
+            every.index_add_(0, y, z)
+            counts += torch.bincount(y[keep], minlength=num_classes)
+            total += torch.bincount(y, minlength=num_classes)
+        if (total == 0).any():
+            raise ValueError(f"classes {(total == 0).nonzero().flatten().tolist()} have no training features")
+        patterns = right / counts.clamp(min=1)[:, None]
         if (counts == 0).any():
-            every, total = _class_means(train.z, train.labels, num_classes)
-            if (total == 0).any():
-                raise ValueError(f"classes {(total == 0).nonzero().flatten().tolist()} have no training features")
             empty = (counts == 0).nonzero().flatten().tolist()
             warnings.warn(f"she: no training feature of classes {empty} is classified correctly; their patterns "
                           "are the means of all their training features", stacklevel=3)
-            patterns[counts == 0] = every[counts == 0]
+            patterns[counts == 0] = (every / total[:, None])[counts == 0]
         self.state["patterns"] = patterns
 
     def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:

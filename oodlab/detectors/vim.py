@@ -6,13 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..features import Features
+from ..features import FeatureSource
 from .base import Detector, energy, register
+from .stats import class_moments
 
 __all__ = ["ViM", "Residual", "default_dim"]
-
-CHUNK = 65536
-
 
 def default_dim(d: int) -> int:
     """Principal-subspace size for D-dim features: 1000 if D >= 2048 and 512 if D >= 768 (official
@@ -38,23 +36,20 @@ class ViM(Detector):
             raise ValueError(f"dim must be >= 1 or None (automatic), got {dim}")
         self.dim = dim
 
-    def _fit(self, train: Features) -> None:
-        d = train.z.shape[1]
+    def _fit(self, train: FeatureSource) -> None:
+        d = train.dim
         dim = self.dim if self.dim is not None else default_dim(d)
         if dim >= d:
             raise ValueError(f"dim={dim} leaves no residual for {d}-d features; choose dim < {d}")
         w, b = self.weight.double(), self.bias.double()
         u = -torch.linalg.pinv(w) @ b
-        moment = torch.zeros(d, d, dtype=torch.float64)
-        for i in range(0, len(train), CHUNK):
-            x = train.z[i : i + CHUNK].double() - u
-            moment += x.T @ x
+        moment = class_moments(train, transform=lambda z: z.double() - u).scatter
         _, vecs = torch.linalg.eigh(moment / len(train))  # ascending eigenvalues
         residual = vecs[:, : d - dim].contiguous()
         self.state.update(origin=u, residual=residual)
         norm_sum = max_logit_sum = torch.zeros(1, dtype=torch.float64)
-        for i in range(0, len(train), CHUNK):
-            z = train.z[i : i + CHUNK].double()
+        for chunk in train.chunks():
+            z = chunk.z.double()
             norm_sum = norm_sum + ((z - u) @ residual).norm(dim=1).sum()
             max_logit_sum = max_logit_sum + F.linear(z, w, b).max(1).values.sum()
         self.state["alpha"] = max_logit_sum / norm_sum

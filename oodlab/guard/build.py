@@ -27,7 +27,7 @@ def build_guard(detector: str, suite: DataSpec = "fashionmnist", checkpoint: str
     """
     det = create(detector, **(params or {}))
     loaded, suite_obj = resolve(checkpoint, suite, weights, data_root, device, fit_subset, seed)
-    train = (FeatureCache().get(loaded.model, loaded.model_id, suite_obj.id_train, device=device)
+    train = (FeatureCache().get(loaded.model, loaded.model_id, suite_obj.id_train, device=device, lazy=True)
              if det.needs_train else None)
     det.fit(train, loaded.model.head)
     calibration, _ = suite_obj.calibration_split(seed)

@@ -64,7 +64,7 @@ def test_resume_skips_finished_detectors(trained, tmp_path):
                                              (["odin", "knn"], {"tiny-train", "tiny-test", "noise", "stripes"})])
 def test_only_the_sets_a_detector_reads_are_extracted(trained, tmp_path, monkeypatch, names, extracted):
     suite, model, _ = trained
-    import oodlab.features as features
+    import oodlab.features.extraction as features
 
     seen = []
     real = features.extract
@@ -81,7 +81,7 @@ def test_second_run_reuses_fitted_detectors_and_model_path_scores(trained, tmp_p
     first = run_detectors(BenchContext(suite, model, "m", tmp_path / "a", cache, device="cpu"),
                           [create("knn", k=3), create("flow", blocks=2), create("odin")])
     import oodlab.bench.runner as runner
-    import oodlab.features as features
+    import oodlab.features.extraction as features
 
     seen = []
     real = features.extract

@@ -3,7 +3,9 @@ import torch
 from torch import nn
 
 from oodlab.detectors import create, energy
-from oodlab.detectors.dice import dice_mask, mean_features
+from oodlab.detectors.dice import dice_mask
+from oodlab.detectors.stats import mean_features
+from oodlab.features import core
 from oodlab.features import Features
 
 # Contributions V = W * m are all distinct: -4, -0.5, 0.025, 1, 1.5, 2, 2.2, 2.5, 3, 12
@@ -71,11 +73,9 @@ def test_dice_react_clips_first_and_keeps_the_unclipped_mean():
 
 
 def test_streaming_mean_matches_the_plain_mean(monkeypatch):
-    import oodlab.detectors.dice as dice
-
     z = torch.rand(1001, 7)
-    monkeypatch.setattr(dice, "CHUNK", 64)
-    assert torch.allclose(mean_features(z), z.double().mean(0), rtol=1e-12)
+    monkeypatch.setattr(core, "CHUNK_BYTES", 8 * 7 * 64)
+    assert torch.allclose(mean_features(Features(z, torch.zeros(len(z), 2))), z.double().mean(0), rtol=1e-12)
 
 
 def test_bad_p_is_refused():

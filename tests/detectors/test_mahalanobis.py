@@ -5,8 +5,8 @@ from sklearn.covariance import EmpiricalCovariance
 from torch import nn
 
 from oodlab.detectors import create
-from oodlab.detectors import mahalanobis as maha_module
-from oodlab.detectors.mahalanobis import class_statistics
+from oodlab.detectors.stats import class_moments
+from oodlab.features import core
 from oodlab.features import Features
 
 A, B_ = 1.0, 2.0
@@ -47,17 +47,19 @@ def test_dead_unit_is_ignored_not_amplified():
 
 
 def test_precision_matches_sklearn_on_class_centred_features(monkeypatch):
-    monkeypatch.setattr(maha_module, "CHUNK", 50)  # several chunks of running sums
+    monkeypatch.setattr(core, "CHUNK_BYTES", 8 * 6 * 50)  # chunks of 50 rows: several running sums
     g = torch.Generator().manual_seed(0)
     z = torch.rand(333, 6, generator=g)
     z[:, 4] = 0  # a dead unit too
     y = torch.arange(333) % 3
-    means, cov = class_statistics(z, y, 3)
+    m = class_moments(Features(z, torch.zeros(333, 3), y), 3)
+    means, cov = m.class_means(), m.shared_covariance()
     zd = z.double().numpy()
     centred = zd - means.numpy()[y.numpy()]
     ref = EmpiricalCovariance(assume_centered=True).fit(centred)
     assert np.allclose(means.numpy(), [zd[y.numpy() == c].mean(0) for c in range(3)], rtol=1e-12)
     assert np.allclose(cov.numpy(), ref.covariance_, atol=1e-12)
+    assert np.allclose(m.covariance().numpy(), EmpiricalCovariance().fit(zd).covariance_, atol=1e-12)
     det = create("mahalanobis").fit(Features(z, torch.zeros(333, 3), y), nn.Linear(6, 3))
     assert np.allclose(det.state["precision"].numpy(), ref.precision_, rtol=1e-8, atol=1e-8)
 

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from oodlab.detectors import create, energy, load_detector
-from oodlab.detectors import react as react_module
 from oodlab.detectors.react import activation_percentile
+from oodlab.features import core
 from oodlab.features import Features
 
 W = torch.tensor([[1.0, -1.0], [0.5, 2.0], [-1.0, 0.0]])
@@ -49,13 +49,10 @@ def test_fixed_threshold_is_used_as_given():
     assert create("react", threshold=1.0).fit(feats(TRAIN_Z), head()).clip == 1.0
 
 
-def test_large_feature_sets_use_a_seeded_row_subsample(monkeypatch):
-    monkeypatch.setattr(react_module, "MAX_PERCENTILE_ENTRIES", 40)
-    z = torch.rand(1000, 4)  # 10 rows of 4 are used
-    rows = torch.randperm(1000, generator=torch.Generator().manual_seed(0))[:10]
-    expected = np.percentile(z[rows].double().numpy(), 90)
-    assert activation_percentile(z, 90) == pytest.approx(expected, rel=1e-12)
-    assert activation_percentile(z, 90) != pytest.approx(np.percentile(z.numpy(), 90), rel=1e-9)
+def test_percentile_is_exact_over_many_chunks(monkeypatch):
+    monkeypatch.setattr(core, "CHUNK_BYTES", 8 * 4 * 37)  # chunks of 37 rows
+    z = torch.relu(torch.randn(1000, 4))
+    assert activation_percentile(Features(z, torch.zeros(1000, 2)), 90) == np.percentile(z.double().numpy(), 90)
 
 
 def test_bad_settings_are_refused():

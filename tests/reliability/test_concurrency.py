@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from oodlab.features import FeatureCache
+from oodlab.features.store import check_shard
 from oodlab.bench import load_rows
 
 
@@ -28,7 +28,7 @@ def test_two_benches_share_cache_and_out(tmp_path):
     leftovers = [p for p in (tmp_path).rglob("*") if ".tmp" in p.name]
     assert leftovers == []
     # every cache entry the two processes wrote is whole: it reads back with a matching checksum
-    cache = FeatureCache(tmp_path / "cache" / "features")
-    metas = list(cache.root.glob("*.json"))
-    assert metas and all(cache._read(m.with_suffix(".safetensors"), m, json.loads(m.read_text())["key"]) is not None
-                         for m in metas)
+    metas = list((tmp_path / "cache" / "features").glob("*/shard-*.json"))
+    records = [json.loads(m.read_text()) for m in metas]
+    assert metas and all(check_shard(m.parent, int(m.stem.split("-")[1]), r["key"], tuple(r["items"])) is not None
+                         for m, r in zip(metas, records))

@@ -1,0 +1,176 @@
+"""Streaming statistics over features, shared by every detector's fit: memory bounded by one chunk.
+
+* :func:`class_moments`: per-class sums and counts and the total scatter ``sum z z^T`` in float64
+  over the chunks of a feature source, from which class means, the shared (class-centred)
+  covariance and the all-data mean and covariance follow (Mahalanobis, RMDS, ViM, SHE, ...).
+* :func:`mean_features`: the float64 mean (DICE, fDBD, NCI).
+* :func:`percentile`: NumPy's linearly interpolated percentile of all entries, **exact**, by
+  histogram refinement: one pass for the count and range, then passes that histogram the values
+  of the bin holding each wanted order statistic into 65,536 finer bins until that bin holds at
+  most ``cap`` values (then they are gathered and sorted) or only one distinct value. At ImageNet
+  size (2.6e9 activations) that is 3-4 passes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..features import Features, FeatureSource
+
+__all__ = ["Moments", "class_moments", "mean_features", "percentile"]
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Float64 sums over rows: per-class ``sums`` (C, D) and ``counts`` (C,), and ``scatter = sum z z^T``."""
+
+    sums: Tensor
+    counts: Tensor
+    scatter: Tensor
+
+    @property
+    def n(self) -> float:
+        return float(self.counts.sum())
+
+    def class_means(self) -> Tensor:
+        return self.sums / self.counts[:, None]
+
+    def shared_covariance(self) -> Tensor:
+        """Maximum-likelihood covariance around the class means (divided by N), symmetrised."""
+        means = self.class_means()
+        cov = (self.scatter - (means.T * self.counts) @ means) / self.n
+        return (cov + cov.T) / 2
+
+    def mean(self) -> Tensor:
+        return self.sums.sum(0) / self.n
+
+    def covariance(self) -> Tensor:
+        """Maximum-likelihood covariance of all rows around their one mean, symmetrised."""
+        mean = self.mean()
+        cov = (self.scatter - self.n * torch.outer(mean, mean)) / self.n
+        return (cov + cov.T) / 2
+
+
+def class_moments(source: FeatureSource, num_classes: int = 1,
+                  transform: Callable[[Tensor], Tensor] | None = None) -> Moments:
+    """:class:`Moments` of ``transform(z)`` (default ``z``) over ``source``, by class when ``num_classes`` > 1
+    (then the labels are required), in one pass over its chunks."""
+    sums = torch.zeros(num_classes, source.dim, dtype=torch.float64)
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    scatter = torch.zeros(source.dim, source.dim, dtype=torch.float64)
+    for chunk in source.chunks():
+        z = transform(chunk.z) if transform is not None else chunk.z.double()
+        z = z.double()
+        y = chunk.labels.long() if num_classes > 1 else torch.zeros(len(z), dtype=torch.long)
+        sums.index_add_(0, y, z)
+        counts += torch.bincount(y, minlength=num_classes).double()
+        scatter.addmm_(z.T, z)
+    return Moments(sums, counts, scatter)
+
+
+def mean_features(source: FeatureSource) -> Tensor:
+    """Mean of ``z`` over rows, accumulated in float64 chunk by chunk."""
+    total = torch.zeros(source.dim, dtype=torch.float64)
+    for chunk in source.chunks():
+        total += chunk.z.double().sum(0)
+    return total / len(source)
+
+
+# -- exact streaming percentile -------------------------------------------------------------------
+BINS = 1 << 16
+CAP = 1 << 22
+
+
+def _lerp_numpy(n: int, q: float) -> tuple[int, int, float]:
+    """Order statistics and weight of NumPy's 'linear' percentile ``q`` of ``n`` values (its own arithmetic)."""
+    virtual = (n - 1) * np.true_divide(np.float64(q), 100)
+    lo = int(np.floor(virtual))
+    return max(lo, 0), min(max(lo, 0) + 1, n - 1), float(virtual - np.floor(virtual))
+
+
+def _bin(v: Tensor, lo: float, hi: float) -> Tensor:
+    return ((v - lo) * (BINS / (hi - lo))).floor().clamp_(0, BINS - 1).long()
+
+
+@dataclass
+class _Chain:
+    """Values inside nested bins: ``levels`` of (lo, hi, bin) that a value must fall into, in order."""
+
+    levels: list[tuple[float, float, int]]
+    lo: float
+    hi: float
+    below: int  # values smaller than every member
+    count: int  # members
+    ranks: list[int]
+
+    def members(self, v: Tensor) -> Tensor:
+        for lo, hi, b in self.levels:
+            v = v[(v >= lo) & (v <= hi)]
+            v = v[_bin(v, lo, hi) == b]
+        return v
+
+
+def percentile(source: FeatureSource, q: float, values: Callable[[Features], Tensor] = lambda c: c.z,
+               cap: int = CAP) -> float:
+    """The ``q``-th percentile (NumPy's default linear interpolation) of every entry of ``values(chunk)``
+    over the chunks of ``source``, exact, with memory for one chunk plus ``cap`` gathered values."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be in [0, 100], got {q}")
+
+    def passes() -> Iterator[Tensor]:
+        for chunk in source.chunks():
+            yield values(chunk).reshape(-1).double()
+
+    n, vmin, vmax = 0, math.inf, -math.inf
+    for v in passes():
+        if len(v):
+            n, vmin, vmax = n + len(v), min(vmin, float(v.min())), max(vmax, float(v.max()))
+    if n == 0:
+        raise ValueError("no values to take a percentile of")
+    lo_rank, hi_rank, frac = _lerp_numpy(n, q)
+    found: dict[int, float] = {}
+    chains = [_Chain([], vmin, vmax, 0, n, sorted({lo_rank, hi_rank}))]
+    while chains:
+        for c in [c for c in chains if c.lo == c.hi]:
+            found.update({r: c.lo for r in c.ranks})
+        chains = [c for c in chains if c.lo != c.hi]
+        gather = [c for c in chains if c.count <= cap]
+        split = [c for c in chains if c.count > cap]
+        gathered: list[list[Tensor]] = [[] for _ in gather]
+        hists = [torch.zeros(BINS, dtype=torch.long) for _ in split]
+        mins = [torch.full((BINS,), math.inf, dtype=torch.float64) for _ in split]
+        maxs = [torch.full((BINS,), -math.inf, dtype=torch.float64) for _ in split]
+        if chains:
+            for v in passes():
+                for c, out in zip(gather, gathered):
+                    out.append(c.members(v))
+                for i, c in enumerate(split):
+                    m = c.members(v)
+                    b = _bin(m, c.lo, c.hi)
+                    hists[i] += torch.bincount(b, minlength=BINS)
+                    mins[i].scatter_reduce_(0, b, m, "amin")
+                    maxs[i].scatter_reduce_(0, b, m, "amax")
+        for c, out in zip(gather, gathered):
+            ordered = torch.cat(out).sort().values
+            found.update({r: float(ordered[r - c.below]) for r in c.ranks})
+        nxt = []
+        for i, c in enumerate(split):
+            cum = hists[i].cumsum(0)
+            by_bin: dict[int, list[int]] = {}
+            for r in c.ranks:
+                by_bin.setdefault(int(torch.searchsorted(cum, r - c.below, right=True)), []).append(r)
+            for b, ranks in by_bin.items():
+                before = int(cum[b] - hists[i][b])
+                nxt.append(_Chain(c.levels + [(c.lo, c.hi, b)], float(mins[i][b]), float(maxs[i][b]),
+                                  c.below + before, int(hists[i][b]), ranks))
+        chains = nxt
+    a, b = np.float64(found[lo_rank]), np.float64(found[hi_rank])
+    if frac >= 0.5:
+        return float(b - (b - a) * (1 - frac))
+    return float(a + (b - a) * frac)

@@ -1,0 +1,156 @@
+"""Extraction: run a model over a data set once, and the on-disk cache that keeps the result.
+
+The cache key is (checkpoint fingerprint, data set fingerprint, name, precision of the forward
+pass, storage dtype). An entry is a folder of shards (:mod:`oodlab.features.store`) written as the
+extraction goes, so a killed extraction resumes at the first unfinished shard. A shard whose key or
+checksum does not match, or that cannot be read, is rebuilt (with a warning), never used. Under
+``torchrun`` every rank extracts its own contiguous block of shards into the shared cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .. import distributed
+from ..data.base import BROKEN, ImageSet, batches
+from ..models.adapter import Classifier, inference_input
+from ..runtime import cache_dir, default_device, progress
+from .core import Features
+from .store import StoredFeatures, check_shard, write_shard
+
+__all__ = ["extract", "FeatureCache", "UnreadableImagesError", "autocast_dtype", "SHARD_ITEMS"]
+
+log = logging.getLogger(__name__)
+
+#: Items of a data set per cache shard: a multiple of every usual batch size, ~200 MB at 2048-d + 1000 logits.
+SHARD_ITEMS = 16384
+
+
+class UnreadableImagesError(ValueError):
+    """Some images of a data set could not be decoded and ``strict`` extraction was asked for."""
+
+
+def autocast_dtype(device: torch.device, autocast: bool | None) -> torch.dtype | None:
+    """The reduced precision extraction runs in: by default bfloat16 (float16 where the GPU lacks it) on
+    CUDA and none (float32) on the CPU; ``autocast=True`` / ``False`` forces it on / off."""
+    if autocast is None:
+        autocast = device.type == "cuda"
+    if not autocast:
+        return None
+    return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+
+
+@torch.no_grad()
+def extract(model: Classifier, data: ImageSet, batch_size: int = 512, device: torch.device | str | None = None,
+            strict: bool = False, autocast: bool | None = None, start: int = 0, stop: int | None = None) -> Features:
+    """Run ``model`` over items ``[start, stop)`` of ``data`` (default: all) once, on its fast inference copy
+    in eval mode, collecting z, logits and labels (on CPU).
+
+    Images that cannot be decoded are skipped with a warning that counts them and names the first
+    (``Features.skipped``, indices in ``data``); with ``strict`` they raise :class:`UnreadableImagesError`.
+    On CUDA the forward pass runs under bfloat16 autocast by default (see :func:`autocast_dtype`);
+    the features are stored in float32 either way.
+    """
+    stop = len(data) if stop is None else stop
+    if not 0 <= start < stop <= len(data):
+        raise ValueError(f"cannot extract items [{start}, {stop}) of {data.name}, which has {len(data)}")
+    device = torch.device(device) if device is not None else default_device()
+    fast = model.for_inference().to(device)
+    dtype = autocast_dtype(device, autocast)
+    zs, logits, labels = [], [], []
+    for x, y in progress(batches(data, batch_size, start=start, stop=stop), desc=f"features {data.name}",
+                         total=(stop - start + batch_size - 1) // batch_size, unit="batch"):
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            z = fast.features(inference_input(x, device))
+            out = fast.head(z)
+        zs.append(z.float().cpu())
+        logits.append(out.float().cpu())
+        labels.append(torch.as_tensor(y).long())
+    lab = torch.cat(labels)
+    z, out = torch.cat(zs), torch.cat(logits)
+    broken = (lab == BROKEN).nonzero().flatten()
+    if len(broken):
+        files = getattr(data.dataset, "files", None)
+        first = f"{files[start + int(broken[0])]}" if files is not None else f"item {start + int(broken[0])}"
+        msg = f"{len(broken)} of {len(lab)} images of {data.name} could not be read (first: {first})"
+        if strict:
+            raise UnreadableImagesError(f"{msg}; remove or repair them, or run without --strict to skip them")
+        log.warning("%s; they are skipped", msg)
+        keep = lab != BROKEN
+        z, out, lab = z[keep], out[keep], lab[keep]
+    return Features(z, out, lab if bool((lab >= 0).all()) else None, tuple((broken + start).tolist()))
+
+
+class FeatureCache:
+    """On-disk cache of features under ``root`` (default ``<cache_dir>/features``), one folder of shards
+    per (model, data set, precision); ``storage=torch.float16`` halves the disk and read volume."""
+
+    def __init__(self, root: str | Path | None = None, shard_items: int = SHARD_ITEMS,
+                 storage: torch.dtype = torch.float32) -> None:
+        if int(shard_items) != shard_items or shard_items < 1:
+            raise ValueError(f"shard_items must be a positive integer, got {shard_items}")
+        if storage not in (torch.float32, torch.float16):
+            raise ValueError(f"storage must be torch.float32 or torch.float16, got {storage}")
+        self.root = Path(root) if root is not None else cache_dir() / "features"
+        self.shard_items = int(shard_items)
+        self.storage = storage
+        self.extractions = 0  # data sets this cache object ran a forward pass over (in whole or in part)
+
+    def _key(self, model_id: str, data: ImageSet, precision: torch.dtype | None) -> dict[str, str]:
+        key = {"model": model_id, "data": data.fingerprint, "name": data.name, "shard_items": str(self.shard_items)}
+        if precision is not None:
+            key["precision"] = str(precision)
+        if self.storage != torch.float32:
+            key["storage"] = str(self.storage)
+        return key
+
+    def entry(self, key: dict[str, str]) -> Path:
+        """The folder of the entry with ``key``."""
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        return self.root / f"{key['name']}-{digest}"
+
+    def get(self, model: Classifier, model_id: str, data: ImageSet, batch_size: int = 512,
+            device: torch.device | str | None = None, autocast: bool | None = None,
+            lazy: bool = False) -> Features | StoredFeatures:
+        """Features of ``data`` through ``model`` (``model_id`` identifies its weights), extracted only where
+        the cache lacks them: in memory, or with ``lazy`` backed by the shards on disk.
+
+        Under ``torchrun`` each rank extracts the missing shards of its own contiguous block, then all
+        ranks wait for each other and read the whole entry.
+        """
+        if len(data) == 0:
+            raise ValueError(f"data set {data.name} is empty")
+        dev = torch.device(device) if device is not None else default_device()
+        key = self._key(model_id, data, autocast_dtype(dev, autocast))
+        entry = self.entry(key)
+        bounds = [(s, min(s + self.shard_items, len(data))) for s in range(0, len(data), self.shard_items)]
+        records: dict[int, dict] = {}
+        mine = distributed.block(len(bounds))
+        todo = []
+        for k in mine:
+            record = check_shard(entry, k, key, bounds[k])
+            if record is None:
+                todo.append(k)
+            else:
+                records[k] = record
+        for i, k in enumerate(todo):
+            log.info("extracting %s shard %d/%d", data.name, i + 1, len(todo))
+            feats = extract(model, data, batch_size, dev, autocast=autocast, start=bounds[k][0], stop=bounds[k][1])
+            entry.mkdir(parents=True, exist_ok=True)
+            records[k] = write_shard(entry, k, key, bounds[k], feats, self.storage)
+        if todo:
+            self.extractions += 1
+        distributed.barrier()
+        for k in range(len(bounds)):
+            if k not in records:  # another rank's shard, just written: read its sidecar, skip the re-hash
+                record = check_shard(entry, k, key, bounds[k], verify=False)
+                if record is None:
+                    raise RuntimeError(f"shard {k} of {data.name} is missing from {entry}: a rank failed; run again to resume")
+                records[k] = record
+        stored = StoredFeatures(entry, [records[k] for k in range(len(bounds))])
+        return stored if lazy else stored.load()
