@@ -11,6 +11,9 @@ Details follow the official code (o4lc/Greg-OOD, ``train_sea.py``):
   per-sample L2 norms of its input gradient;
 - that gradient is taken w.r.t. the network's *normalised* input, as in the official CIFAR code:
   oodlab models normalise inside, so the pixel-space gradient is scaled by the per-channel std;
+- margins: GReg's own code uses m_in = -25, m_out = -7 on CIFAR-10 (not Energy-OE's -23 / -5); the
+  28x28 suites use the pair measured for oodlab's default model (see
+  :func:`~oodlab.training.outlier_exposure.default_margins`);
 - GReg draws as many outliers as ID images. GReg+ draws, every iteration, a pool of
   ``B * N_aux / N_ID`` candidates (the official ``size_candidate_ood / len(train_set_id) * batch_size``,
   384 at B = 64 with 300K auxiliary images and CIFAR's 50K), so each auxiliary image is a candidate
@@ -263,7 +266,7 @@ class GRegPlus(GReg):
 def _greg(*, model: Classifier, suite: Suite, config: TrainConfig, aux: str | ImageSet | None = None,
           lambda_s: float = 0.1, lambda_grad: float = 1.0, m_in: float | None = None, m_out: float | None = None,
           aux_ratio: float = 1.0) -> GReg:
-    d_in, d_out = default_margins(suite)
+    d_in, d_out = default_margins(suite, "greg")
     return GReg(aux_source(aux, suite), config, d_in if m_in is None else m_in, d_out if m_out is None else m_out,
                 lambda_s, lambda_grad, aux_ratio)
 
@@ -273,7 +276,7 @@ def _greg_plus(*, model: Classifier, suite: Suite, config: TrainConfig, aux: str
                lambda_s: float = 0.1, lambda_grad: float = 1.0, m_in: float | None = None,
                m_out: float | None = None, pool_factor: float | None = None, clusters: int | None = None,
                n_init: int = 3, refresh: str = "iteration", epoch_pool: int | None = None) -> GRegPlus:
-    d_in, d_out = default_margins(suite)
+    d_in, d_out = default_margins(suite, "greg+")
     return GRegPlus(aux_source(aux, suite), config, d_in if m_in is None else m_in,
                     d_out if m_out is None else m_out, lambda_s, lambda_grad, pool_factor=pool_factor,
                     clusters=clusters, n_init=n_init, refresh=refresh, epoch_pool=epoch_pool,

@@ -12,7 +12,10 @@ from oodlab.cli import main
 from oodlab.data import suites
 from oodlab.data.base import ArrayDataset, ImageSet, tensor_fingerprint
 from oodlab.models.adapter import Classifier
-from oodlab.training import TrainConfig
+import dataclasses
+
+from oodlab.training import OBJECTIVES, TrainConfig
+from oodlab.training.outlier_exposure import default_margins
 from oodlab.training.greg import GReg, GRegPlus, energy_based_sampling, energy_gradient_norms
 
 
@@ -223,3 +226,17 @@ def test_greg_plus_draws_each_aux_image_about_once_per_epoch():
     assert len(seen) == len(set(seen)) == 640
     assert set(seen) == {bytes((img.float() / 255).numpy()) for img in aux.dataset.images}
 
+
+def test_greg_uses_its_own_margins_on_cifar():
+    assert default_margins("cifar10", "greg") == default_margins("cifar10", "greg+") == (-25.0, -7.0)
+    assert default_margins("cifar10") == (-23.0, -5.0)  # Energy-OE keeps its official runs' margins
+    assert default_margins("fashionmnist", "greg+") == default_margins("fashionmnist") == (-10.0, -5.0)
+    suite = dataclasses.replace(make_tiny_suite(n_train=32), name="cifar10")
+    cfg = TrainConfig(batch_size=4, augment=False)
+    for method in ("greg", "greg+"):
+        objective = OBJECTIVES[method](model=_small_bn_net(), suite=suite, config=cfg, aux=_aux())
+        assert (objective.m_in, objective.m_out) == (-25.0, -7.0)
+    oe = OBJECTIVES["energy-oe"](model=_small_bn_net(), suite=suite, config=cfg, aux=_aux())
+    assert (oe.m_in, oe.m_out) == (-23.0, -5.0)
+    with pytest.raises(ValueError, match="no energy margins"):
+        default_margins("cifar10", "oe")
