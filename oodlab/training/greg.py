@@ -23,7 +23,11 @@ Details follow the official code (o4lc/Greg-OOD, ``train_sea.py``):
   trains on their union, topped up at random to 2B (``--sampleTwoWay``, as in the official CIFAR
   script). Both groups enter both terms, as in the official code: the hinge acts only on outliers
   with E < m_out (the low-energy picks) and the gradient term only on those with E > m_out (the
-  high-energy picks). The official script clusters every candidate (``--spt 0 --ept 10000``).
+  high-energy picks). The official script clusters every candidate (``--spt 0 --ept 10000``);
+- GReg+ trains with Adam without weight decay by default, as the official clustered CIFAR runs
+  (``train_sea.py`` builds Adam unless ``--noCluster``; its script uses lr 0.1); GReg keeps the loop's
+  SGD (the paper's fine-tune: SGD, momentum 0.9). A ``--optimizer`` / ``--weight-decay`` given to
+  ``oodlab train`` overrides either.
 Deviations: the official code also counts the small gradient that reaches a not-yet-detected
 sample through batch-norm statistics; here those samples contribute exactly zero, as the paper
 defines L_gradS. With fewer than 4 auxiliary images per ID training image the formula's pool is
@@ -178,7 +182,8 @@ class GRegPlus(GReg):
     Every step scores a pool of candidates (``pool_factor * B`` when given, else the official
     ``B * N_aux / N_ID``, see the module docstring), clusters them into ``clusters`` (default
     min(64, B)) and trains on the B/K lowest- and B/K highest-energy members of each cluster, 2B
-    outliers in all.
+    outliers in all. By default the loop trains it with Adam without weight decay (the official
+    clustered CIFAR runs; :attr:`train_defaults`).
 
     ``refresh="epoch"`` is a cheaper variant: features and energies of ``epoch_pool`` auxiliary
     images (default: all) are computed once at the start of each epoch and each iteration clusters
@@ -186,6 +191,7 @@ class GRegPlus(GReg):
     """
 
     name = "greg+"
+    train_defaults = {"optimizer": "adam", "weight_decay": 0.0}
     MAX_CLUSTERS = 64  # the official --num_cluster, capped at the batch size
     AUX_PER_EPOCH = 300_000  # the official --size_candidate_ood: auxiliary images that count per epoch
     MIN_POOL_FACTOR = 4  # floor of the pool, in ID batches (see the module docstring)

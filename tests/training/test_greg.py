@@ -167,6 +167,15 @@ def test_cli_fine_tunes_with_greg_plus(monkeypatch, tmp_path):
                  "--from", str(tmp_path / "erm" / "last.safetensors"), "--out", str(tmp_path / "gp")]) == 0
     meta = json.loads((tmp_path / "gp" / "last.json").read_text())
     assert meta["objective"] == "greg+" and meta["objective_config"]["clusters"] == 8
+    # GReg+ trains with the official clustered runs' Adam (no weight decay); ERM keeps SGD, wd 5e-4
+    assert meta["train_config"]["optimizer"] == "adam" and meta["train_config"]["weight_decay"] == 0.0
+    state = torch.load(tmp_path / "gp" / "train_state.pt", weights_only=True)
+    assert all("exp_avg" in v for v in state["optimizer"]["state"].values())
+    erm = json.loads((tmp_path / "erm" / "last.json").read_text())["train_config"]
+    assert erm["optimizer"] == "sgd" and erm["weight_decay"] == 5e-4
+    assert main(["train", *common, "--method", "greg+", "--aux", "photos:100", "--option", "pool_factor=3",
+                 "--optimizer", "sgd", "--epochs", "1", "--out", str(tmp_path / "gp-sgd")]) == 0
+    assert json.loads((tmp_path / "gp-sgd" / "last.json").read_text())["train_config"]["optimizer"] == "sgd"
     assert math.isfinite(meta["metrics"]["loss"])
     assert meta["objective_config"]["lambda_s"] == 0.1 and meta["objective_config"]["lambda_grad"] == 1.0
 
