@@ -35,7 +35,8 @@ from ..models.adapter import Classifier, inference_input
 from ..models.zoo import save_checkpoint
 from ..runtime import atomic_path, atomic_write_text, default_device, progress, seed_everything
 
-__all__ = ["TrainConfig", "Objective", "train", "resolve_config", "evaluate_accuracy", "augment", "shuffled_batches", "EpochHook"]
+__all__ = ["TrainConfig", "Objective", "train", "resolve_config", "evaluate_accuracy", "augment", "shuffled_batches",
+           "EpochHook"]
 
 
 @dataclass
