@@ -307,7 +307,8 @@ Where the definitions differ: {'; '.join(f'{k}: {v}' for k, v in DIFFERENCES.ite
 numerics: KNN (pytorch-ood searches with scikit-learn, oodlab with exact faiss in float32). ASH is configured on the
 pooled features in both (pytorch-ood's own default shapes a feature map before pooling); ViM uses d = D/2 in both.
 
-ASH on the last block's feature map instead (oodlab `feature_map=True`, pytorch-ood's default), not timed,
+ASH on the last block's feature map instead (oodlab `feature_map=True`, pytorch-ood's default), not timed: both
+shape the block output after its final ReLU (the official block-level ablation shapes it before that ReLU).
 AUROC (%) oodlab / pytorch-ood:
 
 {map_table}

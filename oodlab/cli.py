@@ -272,7 +272,8 @@ def _list(_: argparse.Namespace) -> None:
         det = REGISTRY[name]()
         export = "exports" if det.export_refusal is None else f"no export ({det.export_refusal})"
         train = "" if det.needs_train else ", no training features"
-        print(f"  {name:14s} {json.dumps(det.config())}  needs {det.needs}{train}; {export}")
+        notes = f"; {det.notes}" if det.notes else ""
+        print(f"  {name:14s} {json.dumps(det.config())}  needs {det.needs}{train}; {export}{notes}")
     print("training:   " + ", ".join(sorted(OBJECTIVES)))
     print("archs:      " + ", ".join(ARCHS))
 

@@ -11,6 +11,11 @@ never squashed through a sigmoid (the torchmetrics trap: energy scores saturate 
 FPR at a TPR target follows one rule: walk the ROC curve over *every* distinct threshold from
 the highest score down and report the FPR at the first threshold whose TPR reaches the target.
 Tied scores form one threshold, so all tied samples are accepted together.
+
+Confidence intervals (:func:`bootstrap_ci`): a seeded bootstrap that resamples the ID and the OOD
+scores separately (each with replacement, at its own size), recomputes AUROC and FPR95 exactly on
+every resample, and reports the percentile interval (95% by default: the 2.5th and 97.5th
+percentiles of the 1,000 resampled values, NumPy's linear interpolation).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "fpr_at_tpr_ood_positive", "evaluate"]
+__all__ = ["auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "fpr_at_tpr_ood_positive", "evaluate", "bootstrap_metrics",
+           "bootstrap_ci"]
 
 
 def _labelled(score_id: ArrayLike, score_ood: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -106,3 +112,74 @@ def evaluate(score_id: ArrayLike, score_ood: ArrayLike) -> dict[str, float]:
         "aupr_in": aupr_in(score_id, score_ood),
         "aupr_out": aupr_out(score_id, score_ood),
     }
+
+
+_BOOT_CHUNK = 1 << 18  # resampled entries (resamples x samples) held at once: bounds memory, not results
+
+
+def bootstrap_metrics(score_id: ArrayLike, score_ood: ArrayLike, n_boot: int = 1000, seed: int = 0,
+                      tpr: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """AUROC and FPR@``tpr`` of ``n_boot`` bootstrap resamples: two float64 arrays of shape (n_boot,).
+
+    Resample ``b`` draws, from ``numpy.random.default_rng(seed)`` in this order, ``n`` ID indices then
+    ``m`` OOD indices (``rng.integers(0, n, n)``, ``rng.integers(0, m, m)``), so it is the pair
+    ``(score_id[i], score_ood[j])`` and its metrics equal :func:`auroc` / :func:`fpr_at_tpr` on it
+    (AUROC up to float rounding, FPR exactly). Vectorised: a resample is a vector of counts per sample;
+    AUROC is then an exact integer sum over the sorted OOD scores and FPR reads the cumulative counts at
+    the resample's threshold, chunk by chunk of resamples.
+    """
+    if int(n_boot) != n_boot or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot}")
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    scores, labels = _labelled(score_id, score_ood)
+    sid, sood = scores[labels == 1], scores[labels == 0]
+    n, m, n_boot = sid.size, sood.size, int(n_boot)
+    id_order, ood_order = np.argsort(sid, kind="mergesort"), np.argsort(sood, kind="mergesort")
+    x, y = sid[id_order], sood[ood_order]  # ascending
+    rank_id, rank_ood = np.empty(n, np.int64), np.empty(m, np.int64)
+    rank_id[id_order], rank_ood[ood_order] = np.arange(n), np.arange(m)  # sample -> position in x / y
+    below = np.searchsorted(y, x, "left")  # OOD positions under each sorted ID score, then ties
+    upto = np.searchsorted(y, x, "right")
+    no_ties = np.array_equal(below, upto)  # no ID score equals an OOD score
+    target = tpr - 1e-12  # fpr_at_tpr's test, tps / n >= target, as a whole count of resampled ID
+    need = int(np.ceil(target * n))
+    while need > 0 and (need - 1) / n >= target:
+        need -= 1
+    while need / n < target:
+        need += 1
+    rng = np.random.default_rng(seed)
+    aurocs, fprs = np.empty(n_boot), np.empty(n_boot)
+    step = max(1, _BOOT_CHUNK // (n + m))
+    for start in range(0, n_boot, step):
+        size = min(step, n_boot - start)
+        c_id, c_ood = np.empty((size, n), np.int32), np.empty((size, m), np.int32)  # n, m < 2**31
+        for b in range(size):  # counts per sample, indexed by sorted position (x for ID, y for OOD)
+            c_id[b] = np.bincount(rank_id[rng.integers(0, n, n)], minlength=n)
+            c_ood[b] = np.bincount(rank_ood[rng.integers(0, m, m)], minlength=m)
+        cum = np.zeros((size, m + 1), np.int32)
+        np.cumsum(c_ood, axis=1, out=cum[:, 1:])  # cum[:, k] = resampled OOD among the k lowest
+        # 2 * (pairs with id > ood) + (pairs with id == ood), an exact integer
+        pairs = np.multiply(c_id, cum[:, below], dtype=np.int64).sum(1)
+        twice = 2 * pairs if no_ties else pairs + np.multiply(c_id, cum[:, upto], dtype=np.int64).sum(1)
+        aurocs[start:start + size] = twice / (2.0 * n * m)
+        # threshold x[k]: the highest ID score with >= need resampled ID at or above it, i.e. with at most
+        # n - need of them below it (the count below position p is the cumulative count up to p - 1)
+        k = (np.cumsum(c_id[:, :-1], axis=1) <= n - need).sum(1)
+        fprs[start:start + size] = (m - cum[np.arange(size), below[k]]) / m  # OOD at or above it
+    return aurocs, fprs
+
+
+def bootstrap_ci(score_id: ArrayLike, score_ood: ArrayLike, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> dict[str, float]:
+    """Percentile bootstrap intervals for AUROC and FPR95: ``auroc_lo``, ``auroc_hi``, ``fpr95_lo``, ``fpr95_hi``.
+
+    ID and OOD scores are resampled separately (:func:`bootstrap_metrics`, seeded); the bounds are the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the ``n_boot`` resampled values.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    aurocs, fprs = bootstrap_metrics(score_id, score_ood, n_boot, seed)
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    (a_lo, a_hi), (f_lo, f_hi) = np.percentile(aurocs, q), np.percentile(fprs, q)
+    return {"auroc_lo": float(a_lo), "auroc_hi": float(a_hi), "fpr95_lo": float(f_lo), "fpr95_hi": float(f_hi)}

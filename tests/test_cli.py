@@ -21,6 +21,9 @@ def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "fashionmnist-split" in out and all(name in out for name in available()) and "erm" in out
+    for name in ("ash-p", "ash-b", "ash-s"):  # where feature-map ASH shapes, since the official ablation differs
+        line = next(row for row in out.splitlines() if row.strip().startswith(name + " "))
+        assert "after its final ReLU (pytorch-ood's placement" in line and "official block-level ablation" in line
 
 
 def test_train_bench_fit_score(tiny_registered, tmp_path, capsys):

@@ -10,14 +10,19 @@ from typing import Any
 
 from ..runtime import atomic_path, atomic_write_text
 
-__all__ = ["METRICS", "summary_rows", "format_summary", "markdown", "write_tables"]
+__all__ = ["METRICS", "INTERVALS", "summary_rows", "format_summary", "markdown", "write_tables"]
 
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
+INTERVALS = ("auroc_lo", "auroc_hi", "fpr95_lo", "fpr95_hi")  # 95% bootstrap bounds (rows written before: absent)
 _LABEL = {"auroc": "AUROC", "fpr95": "FPR95", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out"}
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
+
+
+def _pct_or_dash(x: float | None) -> str:
+    return "–" if x is None else _pct(x)
 
 
 def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -71,9 +76,13 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         cells = [f"{_pct(s['per_ood'][o]['auroc'])} / {_pct(s['per_ood'][o]['fpr95'])}" for o in oods]
         out.write(f"| {_label(s, keys)} | " + " | ".join(cells)
                   + f" | {_pct(s['mean']['auroc'])} | {_pct(s['mean']['fpr95'])} | {_pct(s['id_acc'])} |\n")
-    out.write("\n## All metrics\n\n| detector | OOD set | group | AUROC | FPR95 | AUPR-In | AUPR-Out |\n|---|---|---|---|---|---|---|\n")
+    out.write("\n## All metrics\n\n`auroc_lo`–`auroc_hi` and `fpr95_lo`–`fpr95_hi`: 95% percentile bootstrap intervals "
+              "(1,000 resamples of the ID and the OOD scores, each resampled separately; seed 0).\n\n"
+              "| detector | OOD set | group | AUROC | FPR95 | AUPR-In | AUPR-Out | auroc_lo | auroc_hi | fpr95_lo | "
+              "fpr95_hi |\n" + "|---" * 11 + "|\n")
     for r in rows:
-        out.write(f"| {r['key']} | {r['ood']} | {r['group']} | " + " | ".join(_pct(r[m]) for m in METRICS) + " |\n")
+        out.write(f"| {r['key']} | {r['ood']} | {r['group']} | " + " | ".join(_pct(r[m]) for m in METRICS) + " | "
+                  + " | ".join(_pct_or_dash(r.get(m)) for m in INTERVALS) + " |\n")
     out.write("\n## Detector settings\n\n")
     for s in summ:
         out.write(f"- `{s['key']}`: {json.dumps(s['params'], sort_keys=True, default=str)}\n")
@@ -85,7 +94,7 @@ def write_tables(out_dir: str | Path, rows: list[dict[str, Any]], settings: dict
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps({"settings": settings, "rows": rows}, indent=2, default=str))
-    fields = ["detector", "key", "ood", "group", *METRICS, "id_acc", "fit_s", "score_s", "params"]
+    fields = ["detector", "key", "ood", "group", *METRICS, *INTERVALS, "id_acc", "fit_s", "score_s", "params"]
     with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()

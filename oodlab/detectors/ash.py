@@ -10,7 +10,11 @@ are kept and the rest set to zero (ties broken by ``torch.topk``, as in the offi
 By default ASH shapes the pooled penultimate features ``z``, as the official ResNet code does
 (after ``avgpool``, before ``fc``), so it runs on cached features and needs no statistics. With
 ``feature_map=True`` it shapes the output of the last block instead (``Classifier.feature_map``)
-and sends it through the model's ``pool`` and the head; that mode needs the model. Unlike the
+and sends it through the model's ``pool`` and the head; that mode needs the model. The map it
+shapes is the block output **after its final ReLU**, where pytorch-ood applies ASH (before
+pooling). The official code's block-level ablation differs: it shapes the last block's residual
+sum ``out + identity`` *before* that ReLU (its ``use_ash`` blocks), so values it prunes can be
+negative; feature-map numbers here are pytorch-ood's placement, not that ablation. Unlike the
 official code, nothing is edited in place.
 """
 
@@ -60,6 +64,8 @@ class _ASH(Detector):
 
     variant: ClassVar[str]
     needs_train = False  # ASH is per-sample shaping: no ID statistics
+    notes = ("feature_map=True shapes the last block's output after its final ReLU (pytorch-ood's placement; "
+             "the official block-level ablation shapes it before that ReLU)")
 
     def __init__(self, percentile: float, feature_map: bool = False) -> None:
         super().__init__()

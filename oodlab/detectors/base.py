@@ -61,6 +61,7 @@ class Detector(ABC):
     needs: ClassVar[str] = "features"
     needs_train: ClassVar[bool] = True  # False: fit reads only the head, so no training features are needed
     score_chunk: ClassVar[int] = 65536  # rows per call of tensor_score in score(): bounds memory, not results
+    notes: ClassVar[str] = ""  # what a user must know about a variant or placement (shown by `oodlab list`)
 
     def __init__(self) -> None:
         self.state: dict[str, Tensor] = {}

@@ -66,22 +66,32 @@ class DICE(Detector):
 
 @register
 class DICEReAct(DICE):
-    """DICE on ReAct-clipped features: ``z`` is clipped at the ``react_percentile``-th ID activation first.
+    """DICE on ReAct-clipped features: ``z`` is clipped at ``c`` first, then scored by the DICE-masked head.
 
+    Defaults from the official ImageNet demo (deeplearning-wisc/dice, ``demo-imagenet.sh``): sparsity
+    ``p = 10`` with clip 1.0 (its commented alternative: ``p = 15`` with clip 1.5); the paper gives no
+    CIFAR values. The demo's clip is an absolute activation value for ResNet-50; oodlab derives ``c``
+    with ReAct's rule instead, the ``react_percentile``-th (90) percentile of ID-train activations,
+    which is how ReAct arrives at c = 1.0 on ImageNet ResNet-50, so the default transfers to other
+    backbones. ``threshold`` fixes ``c`` by hand (``p=10, threshold=1.0`` is the demo's exact setting).
     As in the official code, the contributions use the mean of the *unclipped* ID features.
     """
 
     name = "dice-react"
 
-    def __init__(self, p: float = 90.0, react_percentile: float = 90.0) -> None:
+    def __init__(self, p: float = 10.0, react_percentile: float = 90.0, threshold: float | None = None) -> None:
         super().__init__(p)
         if not 0 <= react_percentile <= 100:
             raise ValueError(f"react_percentile must be in [0, 100], got {react_percentile}")
+        if threshold is not None and np.isnan(threshold):
+            raise ValueError("threshold must be a number or None (estimate it from ID training features)")
         self.react_percentile = react_percentile
+        self.threshold = threshold
 
     def _fit(self, train: FeatureSource) -> None:
         super()._fit(train)
-        self.state["clip"] = torch.tensor([activation_percentile(train, self.react_percentile)], dtype=torch.float64)
+        c = self.threshold if self.threshold is not None else activation_percentile(train, self.react_percentile)
+        self.state["clip"] = torch.tensor([c], dtype=torch.float64)
 
     def _clipped(self, z: Tensor) -> Tensor:
         return z.double().clamp(max=self.state["clip"])

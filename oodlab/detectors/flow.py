@@ -11,10 +11,15 @@ its ``log_prob`` evaluates it, each block applies
 1. an affine coupling ``x_b -> (x_b - t(x_a)) * exp(-s(x_a))`` with the fixed mask "even dimensions
    condition, odd dimensions move" in every block, and separate ``s`` and ``t`` nets
    ``D -> D -> D`` with a ReLU, last layer zero-initialised, no clamp on ``s``;
-2. the inverse of an LU-parametrised invertible 1x1 convolution ``W = P L (U + diag(sign * exp(log_s)))``
-   (``P`` and ``sign`` fixed), initialised as a random rotation;
+2. an LU-parametrised invertible 1x1 convolution ``x -> W x`` with
+   ``W = P L (U + diag(sign * exp(log_s)))`` (``P`` and ``sign`` fixed, log-det ``sum(log_s)``),
+   initialised as a random rotation. This is normflows' direction: its ``Invertible1x1Conv``
+   applies ``P L U`` on the density side (feature -> latent) and ``W^-1`` only when sampling;
 3. an ActNorm ``x -> (x - shift) * exp(-log_scale)``, initialised on the first training batch so its
    output has zero mean and unit variance (Glow's data-dependent init).
+
+Read from the base towards the features (normflows' sampling order) a block is ActNorm -> 1x1
+mixing -> coupling, the order in which the official code lists it.
 
 zuko provides the flow machinery (lazy transforms, coupling split/merge, composition, the base
 distribution and the log-density); the three block pieces are small wrappers because zuko has no
@@ -90,38 +95,39 @@ class _ActNorm(LazyTransform):
         return AffineTransform(-self.shift * scale, scale, event_dim=1)
 
 
-class _InverseLU(Transform):
-    """``x -> W^-1 x`` for ``W = P L U`` (unit lower ``L``, upper ``U``): one permutation, two solves.
+class _PLU(Transform):
+    """``x -> W x = P L U x`` (unit lower ``L``, upper ``U``, permutation ``P``); the inverse is two solves.
 
-    zuko's :class:`~zuko.transforms.LULinearTransform` solves one small system per sample; with it
-    a training step of the default flow (D=128, batch 250) took 8x longer on CPU than with the
-    single batched solve here.
+    The density side (what training and scoring evaluate) is three matrix products; the triangular
+    solves are only needed to sample. zuko's :class:`~zuko.transforms.LULinearTransform` has no
+    permutation and solves one small system per sample.
     """
 
     domain = constraints.real_vector
     codomain = constraints.real_vector
     bijective = True
 
-    def __init__(self, order: Tensor, lower: Tensor, upper: Tensor, ladj: Tensor) -> None:
+    def __init__(self, order: Tensor, inv_order: Tensor, lower: Tensor, upper: Tensor, ladj: Tensor) -> None:
         super().__init__()
-        self.order, self.lower, self.upper, self.ladj = order, lower, upper, ladj
+        self.order, self.inv_order, self.lower, self.upper, self.ladj = order, inv_order, lower, upper, ladj
 
     def _call(self, x: Tensor) -> Tensor:
-        y = torch.linalg.solve_triangular(self.lower, x[..., self.order].mT, upper=False, unitriangular=True)
-        return torch.linalg.solve_triangular(self.upper, y, upper=True).mT
+        y = (self.lower @ (self.upper @ x.mT)).mT
+        return y[..., self.inv_order]  # P y
 
     def _inverse(self, y: Tensor) -> Tensor:
-        x = (self.lower @ (self.upper @ y.mT)).mT
-        return x[..., torch.argsort(self.order)]
+        x = torch.linalg.solve_triangular(self.lower, y[..., self.order].mT, upper=False, unitriangular=True)
+        return torch.linalg.solve_triangular(self.upper, x, upper=True).mT
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return self.ladj.expand(x.shape[:-1])
 
 
 class _LUMixing(LazyTransform):
-    """Inverse of Glow's invertible 1x1 convolution ``W = P L (U + diag(sign * exp(log_s)))``.
+    """Glow's invertible 1x1 convolution ``x -> W x``, ``W = P L (U + diag(sign * exp(log_s)))``, feature -> latent.
 
-    ``P`` and ``sign`` are fixed; ``W`` starts as a random rotation, as in normflows (official code).
+    ``P`` and ``sign`` are fixed; ``W`` starts as a random rotation, as in normflows (official code),
+    whose ``Invertible1x1Conv`` applies this ``W`` on the density side.
     """
 
     def __init__(self, features: int) -> None:
@@ -129,7 +135,9 @@ class _LUMixing(LazyTransform):
         rotation = torch.linalg.qr(torch.randn(features, features)).Q
         perm, lower, upper = torch.lu_unpack(*torch.linalg.lu_factor(rotation))
         diag = upper.diagonal()
-        self.register_buffer("order", perm.argmax(0))  # x[..., order] == P^T x
+        order = perm.argmax(0)
+        self.register_buffer("order", order)  # x[..., order] == P^T x
+        self.register_buffer("inv_order", torch.argsort(order))  # x[..., inv_order] == P x
         self.register_buffer("sign", diag.sign())
         self.lower = nn.Parameter(lower)
         self.upper = nn.Parameter(upper)
@@ -138,7 +146,7 @@ class _LUMixing(LazyTransform):
     def forward(self, c: Tensor | None = None) -> Transform:
         eye = torch.eye(len(self.order), dtype=self.lower.dtype, device=self.lower.device)
         upper = torch.triu(self.upper, 1) + torch.diag(self.sign * self.log_s.exp())
-        return _InverseLU(self.order, torch.tril(self.lower, -1) + eye, upper, -self.log_s.sum())
+        return _PLU(self.order, self.inv_order, torch.tril(self.lower, -1) + eye, upper, self.log_s.sum())
 
 
 def _coupling_net(inputs: int, outputs: int, features: int) -> nn.Module:
@@ -198,7 +206,7 @@ def glow_steps(flow: Flow) -> list[Step]:
     """The default flow's blocks, feature side to base, as plain tensor maps ``x -> (y, log|det J|)``.
 
     The same function as ``flow().log_prob`` builds from zuko transforms, but each LU mixing is
-    one dense matrix (its two triangular solves applied to the identity, once), so the whole
+    one dense matrix (``P L U`` assembled once), so the whole
     density is matrix products and element-wise maps: fast, and exportable to ONNX.
     """
     steps: list[Step] = []
@@ -291,6 +299,9 @@ class FlowDensity(Detector):
         return self.state["train_nll"].tolist()
 
     def load_state_dict(self, state: dict[str, Tensor]) -> Self:
+        if self.kind == "glow" and any(k.endswith(".order") and k[:-len("order")] + "inv_order" not in state for k in state):
+            raise ValueError("this flow was saved by an older oodlab whose LU mixing applied W^-1 on the density side "
+                             "(now W = P L U, as the official code); its parameters mean another density: fit it again")
         super().load_state_dict(state)
         self._flow, self._steps = None, None
         return self

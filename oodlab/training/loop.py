@@ -21,7 +21,7 @@ import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,20 +35,26 @@ from ..models.adapter import Classifier, inference_input
 from ..models.zoo import save_checkpoint
 from ..runtime import atomic_path, atomic_write_text, default_device, progress, seed_everything
 
-__all__ = ["TrainConfig", "Objective", "train", "evaluate_accuracy", "augment", "shuffled_batches", "EpochHook"]
+__all__ = ["TrainConfig", "Objective", "train", "resolve_config", "evaluate_accuracy", "augment", "shuffled_batches",
+           "EpochHook"]
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings (SGD with momentum and a per-step cosine schedule by default)."""
+    """Optimisation settings (SGD with momentum and a per-step cosine schedule by default).
+
+    ``optimizer`` and ``weight_decay`` left as None take the objective's defaults
+    (:attr:`Objective.train_defaults`, e.g. GReg+'s Adam), else SGD with weight decay 5e-4; :func:`train`
+    fills them in (:func:`resolve_config`) before building the optimiser and records the filled values.
+    """
 
     epochs: int = 8
     batch_size: int = 128
     lr: float = 0.05
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float | None = None  # None: the objective's default, else 5e-4
     schedule: str = "cosine"  # "cosine" or "constant"
-    optimizer: str = "sgd"  # "sgd" or "adam"
+    optimizer: str | None = None  # "sgd" or "adam"; None: the objective's default, else "sgd"
     augment: bool = True  # random 2-pixel shifts + horizontal flips
     seed: int = 0
     eval_batch_size: int = 512
@@ -59,9 +65,11 @@ class TrainConfig:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         for name in ("lr", "momentum", "weight_decay"):
             value = getattr(self, name)
+            if value is None and name == "weight_decay":
+                continue
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
                 raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value}")
-        if self.schedule not in ("cosine", "constant") or self.optimizer not in ("sgd", "adam"):
+        if self.schedule not in ("cosine", "constant") or self.optimizer not in (None, "sgd", "adam"):
             raise ValueError("schedule must be 'cosine' or 'constant'; optimizer 'sgd' or 'adam'")
 
 
@@ -69,6 +77,9 @@ class Objective(ABC):
     """What a training step minimises. ``loss`` returns the scalar loss and numbers to log."""
 
     name: ClassVar[str]
+    #: Optimiser settings this method trains with when the :class:`TrainConfig` leaves them None
+    #: (keys ``optimizer``, ``weight_decay``); the loop's own are SGD with weight decay 5e-4.
+    train_defaults: ClassVar[dict[str, Any]] = {}
 
     def start_epoch(self, model: Classifier, epoch: int, device: torch.device) -> None:
         """Called before each epoch (e.g. to re-sample auxiliary outliers)."""
@@ -133,6 +144,14 @@ def evaluate_accuracy(model: Classifier, data: ImageSet, batch_size: int = 1024,
 
 EpochHook = Callable[[Classifier, int], dict[str, Any]]
 
+LOOP_DEFAULTS: dict[str, Any] = {"optimizer": "sgd", "weight_decay": 5e-4}
+
+
+def resolve_config(cfg: TrainConfig, objective: Objective) -> TrainConfig:
+    """``cfg`` with its None optimiser settings filled from ``objective.train_defaults``, then :data:`LOOP_DEFAULTS`."""
+    fill = {k: v for k, v in {**LOOP_DEFAULTS, **objective.train_defaults}.items() if getattr(cfg, k) is None}
+    return replace(cfg, **fill) if fill else cfg
+
 
 def compute_signature(device: torch.device) -> str:
     """Where a run computes, e.g. ``"cpu, 2 threads"``: the floating-point summation order (and so the
@@ -161,6 +180,7 @@ def train(model: Classifier, train_set: ImageSet, objective: Objective, cfg: Tra
     device = torch.device(device) if device is not None else default_device()
     seed_everything(cfg.seed)
     model.to(device, memory_format=torch.channels_last)  # oneDNN / cuDNN convolutions run faster in NHWC
+    cfg = resolve_config(cfg, objective)
     objective.begin(model, run)
     params = objective.parameters(model)
     if cfg.optimizer == "sgd":

@@ -35,7 +35,8 @@ def shipped_checkpoint(suite: str) -> Path | None:
 
 
 def default_config(suite: str, **overrides: Any) -> TrainConfig:
-    """The default recipe: 15 epochs of SGD (lr 0.05, cosine) for 28x28 suites, 100 epochs (lr 0.1) for CIFAR."""
+    """The default recipe: 15 epochs (lr 0.05, cosine) for 28x28 suites, 100 epochs (lr 0.1) for CIFAR; the
+    optimiser is the method's (SGD with momentum, GReg+ Adam: :attr:`~oodlab.training.Objective.train_defaults`)."""
     base: dict[str, Any] = {"epochs": 15, "lr": 0.05} if suite.startswith("fashionmnist") else {"epochs": 100, "lr": 0.1}
     return TrainConfig(**{**base, **overrides})
 

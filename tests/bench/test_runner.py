@@ -9,7 +9,8 @@ import torch
 from oodlab.bench import BenchContext, load_rows, load_scores, run_bench, run_detectors
 from oodlab.detectors import create
 from oodlab.features import FeatureCache
-from oodlab.metrics import auroc
+from oodlab.bench.report import markdown
+from oodlab.metrics import auroc, bootstrap_ci
 from oodlab.models import build, save_checkpoint
 from oodlab.training import TrainConfig, train
 from oodlab.training.erm import CrossEntropy
@@ -40,6 +41,10 @@ def test_sweep_extracts_each_set_once(trained, tmp_path):
     assert set(s) == {"id", "noise", "stripes"} and len(s["id"]) == len(suite.id_test)
     row = next(r for r in rows if r["ood"] == "noise" and r["detector"] == rows[0]["detector"])
     assert row["auroc"] == pytest.approx(auroc(s["id"], s["noise"]))
+    ci = bootstrap_ci(s["id"], s["noise"])  # seeded: the row holds exactly these 95% bounds
+    assert {k: row[k] for k in ci} == ci
+    for r in rows:
+        assert r["auroc_lo"] <= r["auroc"] <= r["auroc_hi"] and r["fpr95_lo"] <= r["fpr95"] <= r["fpr95_hi"]
     test_feats = cache.get(model, "m", suite.id_test)
     assert rows[0]["id_acc"] == pytest.approx(test_feats.accuracy())  # the model's own accuracy (MSP keeps logits)
 
@@ -118,8 +123,15 @@ def test_run_bench_writes_tables(trained, tmp_path):
     assert len(res["rows"]) == len(rows) == 4
     csv = (tmp_path / "res" / "results.csv").read_text().splitlines()
     assert len(csv) == 5 and csv[0].startswith("detector,key,ood")
+    assert csv[0].split(",")[8:12] == ["auroc_lo", "auroc_hi", "fpr95_lo", "fpr95_hi"]
     md = (tmp_path / "res" / "results.md").read_text()
     assert "| msp |" in md and "| energy |" in md
+    r = res["rows"][0]
+    assert "| auroc_lo | auroc_hi | fpr95_lo | fpr95_hi |" in md
+    assert (f"| {100 * r['aupr_out']:.2f} | {100 * r['auroc_lo']:.2f} | {100 * r['auroc_hi']:.2f} | "
+            f"{100 * r['fpr95_lo']:.2f} | {100 * r['fpr95_hi']:.2f} |") in md
+    old = [{k: v for k, v in row.items() if not k.endswith(("_lo", "_hi"))} for row in rows]  # rows of an older run
+    assert "| – | – | – | – |" in markdown(old, res["settings"])
     with pytest.raises(ValueError, match="unknown detector"):
         run_bench(suite, "nope", ckpt, tmp_path / "x", device="cpu", verbose=False)
     with pytest.raises(ValueError, match="not in the run"):

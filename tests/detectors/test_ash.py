@@ -119,3 +119,25 @@ def test_feature_map_mode_shapes_the_whole_map_before_pooling(tiny):
     assert torch.allclose(det.score_inputs(tiny.model, x), expected, rtol=1e-5)
     with pytest.raises(TypeError, match="needs the model"):
         det.score(tiny.test)
+
+
+@pytest.mark.parametrize("arch, shape", [("smallcnn", (3, 1, 28, 28)), ("resnet18-cifar", (2, 3, 32, 32))])
+def test_feature_map_mode_shapes_the_block_output_after_its_final_relu(arch, shape):
+    """pytorch-ood's placement: the map ASH shapes is the last block's output after its ReLU (so never negative)."""
+    from oodlab.detectors import REGISTRY
+    from oodlab.models.zoo import build
+
+    torch.manual_seed(0)
+    model = build(arch, 4, shape[1]).eval()
+    x = torch.rand(shape)
+    with torch.no_grad():
+        fmap = model.feature_map(x)
+        assert fmap.dim() == 4 and float(fmap.min()) == 0.0  # post-ReLU: zeros, no negative values
+        expected = energy(model.head(model.pool(ash(fmap, 50, "p").float().reshape(fmap.shape))))
+    det = create("ash-p", percentile=50, feature_map=True).fit(None, model.head)
+    assert torch.allclose(det.score_inputs(model, x), expected, rtol=1e-5)
+    for name in ("ash-p", "ash-b", "ash-s"):
+        assert "after its final ReLU" in REGISTRY[name].notes
+    import oodlab.detectors.ash as module
+
+    assert "after its final ReLU" in module.__doc__ and "block-level ablation" in module.__doc__

@@ -50,7 +50,7 @@ def test_wrong_feature_width_is_refused(name, tiny):
 def test_paper_defaults():
     defaults = {"ash-p": {"percentile": 60.0, "feature_map": False}, "ash-b": {"percentile": 65.0, "feature_map": False},
                 "ash-s": {"percentile": 90.0, "feature_map": False}, "dice": {"p": 90.0},
-                "dice-react": {"p": 90.0, "react_percentile": 90.0}, "react": {"percentile": 90.0, "threshold": None},
+                "dice-react": {"p": 10.0, "react_percentile": 90.0, "threshold": None}, "react": {"percentile": 90.0, "threshold": None},
                 "odin": {"temperature": 1000.0, "eps": 0.0014}, "mahalanobis": {"normalize": False}, "knn": {"k": 50, "fraction": 1.0, "index": "flat", "nprobe": 16},
                 "vim": {"dim": None}, "scale": {"percentile": 85.0}, "gen": {"gamma": 0.1, "M": 100},
                 "rmds": {"normalize": False}, "gradnorm": {"temperature": 1.0}, "nnguide": {"k": 100, "fraction": 0.01},

@@ -72,6 +72,21 @@ def test_dice_react_clips_first_and_keeps_the_unclipped_mean():
     assert not torch.allclose(create("dice", p=50).fit(feats(TRAIN_Z), head()).score(feats(QUERY)), expected)
 
 
+def test_dice_react_defaults_are_the_official_imagenet_demo():
+    """p = 10 (demo-imagenet.sh), clip by ReAct's 90th-percentile rule unless an absolute threshold is given."""
+    det = create("dice-react").fit(feats(TRAIN_Z), head())
+    assert (det.p, det.react_percentile, det.threshold) == (10.0, 90.0, None)
+    assert float(det.state["clip"]) == pytest.approx(3.2)
+    assert torch.equal(det.state["mask"], dice_mask(W, M, 10))  # 10 % of the contributions pruned
+    assert int(det.state["mask"].sum()) == 9  # of the 10 contributions only the smallest (-4) is pruned
+    demo = create("dice-react", p=10, threshold=1.0).fit(feats(TRAIN_Z), head())
+    assert float(demo.state["clip"]) == 1.0
+    expected = torch.logsumexp(QUERY.double().clamp(max=1.0) @ (W.double() * dice_mask(W, M, 10)).T + B.double(), 1)
+    assert torch.allclose(demo.score(feats(QUERY)), expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="threshold"):
+        create("dice-react", threshold=float("nan"))
+
+
 def test_streaming_mean_matches_the_plain_mean(monkeypatch):
     z = torch.rand(1001, 7)
     monkeypatch.setattr(core, "CHUNK_BYTES", 8 * 7 * 64)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from oodlab.detectors import create, load_detector
-from oodlab.detectors.flow import _LUMixing, build_flow, initialize_actnorm
+from oodlab.detectors.flow import _LUMixing, build_flow, glow_steps, initialize_actnorm
 from oodlab.features import Features
 from oodlab.metrics import auroc
 
@@ -45,19 +45,40 @@ def perturbed(flow: nn.Module, seed: int = 0) -> nn.Module:
     return flow
 
 
-def test_lu_mixing_applies_the_inverse_of_plu():
+def test_lu_mixing_maps_features_to_latent_by_plu():
+    """normflows' Invertible1x1Conv (official code) applies W = P L U on the density side, log-det sum(log|diag U|)."""
     torch.manual_seed(0)
     layer = perturbed(_LUMixing(5).double())
-    order = layer.order
     p = torch.zeros(5, 5, dtype=torch.float64)
-    p[order, torch.arange(5)] = 1.0
-    w = p @ (torch.tril(layer.lower, -1) + torch.eye(5)) @ (
-        torch.triu(layer.upper, 1) + torch.diag(layer.sign * layer.log_s.exp()))
+    p[layer.order, torch.arange(5)] = 1.0  # x[..., order] == P^T x
+    lower = torch.tril(layer.lower, -1) + torch.eye(5, dtype=torch.float64)
+    upper = torch.triu(layer.upper, 1) + torch.diag(layer.sign * layer.log_s.exp())
+    w = p @ lower @ upper
+    assert not torch.allclose(w @ w.T, torch.eye(5, dtype=torch.float64), atol=1e-2)  # not a rotation: W != W^-T
     x = torch.randn(7, 5, dtype=torch.float64)
-    y, ladj = layer().call_and_ladj(x)
-    torch.testing.assert_close(y, x @ torch.linalg.inv(w).T)
-    torch.testing.assert_close(ladj, -torch.linalg.slogdet(w).logabsdet.expand(7))
+    y, ladj = layer().call_and_ladj(x)  # zuko's forward = feature -> latent
+    torch.testing.assert_close(y, (w @ x.T).T)
+    torch.testing.assert_close(ladj, upper.diagonal().abs().log().sum().expand(7))
+    torch.testing.assert_close(ladj, torch.linalg.slogdet(w).logabsdet.expand(7))
     torch.testing.assert_close(layer().inv(y), x)
+
+
+def test_dense_steps_apply_plu_like_the_flow():
+    torch.manual_seed(0)
+    flow = perturbed(build_flow("glow", 5, 1).double())
+    layer = flow.transform.transforms[1]
+    x = torch.randn(6, 5, dtype=torch.float64)
+    y, ladj = glow_steps(flow)[1](x)
+    torch.testing.assert_close(y, layer()(x))
+    torch.testing.assert_close(ladj, layer.log_s.sum().expand(6))
+
+
+def test_flow_saved_with_the_inverse_mixing_is_refused(gaussian, tmp_path):
+    _, train, _ = gaussian
+    det = create("flow", blocks=1).fit(feats(train[:300]), head(4))
+    old = {k: v for k, v in det.state_dict().items() if not k.endswith("inv_order")}
+    with pytest.raises(ValueError, match="older oodlab"):
+        create("flow", blocks=1).load_state_dict(old)
 
 
 def test_lu_mixing_starts_as_a_rotation():

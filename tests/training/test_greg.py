@@ -12,7 +12,10 @@ from oodlab.cli import main
 from oodlab.data import suites
 from oodlab.data.base import ArrayDataset, ImageSet, tensor_fingerprint
 from oodlab.models.adapter import Classifier
-from oodlab.training import TrainConfig
+import dataclasses
+
+from oodlab.training import OBJECTIVES, TrainConfig
+from oodlab.training.outlier_exposure import default_margins
 from oodlab.training.greg import GReg, GRegPlus, energy_based_sampling, energy_gradient_norms
 
 
@@ -116,8 +119,8 @@ def test_sampler_always_returns_k_indices():
     features = torch.ones(12, 4)  # one distinct point: k-means cannot fill 5 clusters
     low, high = energy_based_sampling(features, torch.arange(12.0), k=5, seed=0)
     assert len(low) == len(high) == 5 and 0 <= int(low.min()) and int(high.max()) < 12
-    with pytest.raises(ValueError, match="k <="):
-        energy_based_sampling(features, torch.arange(12.0), k=13)
+    with pytest.raises(ValueError, match=r"2 \* k \* per_cluster <="):
+        energy_based_sampling(features, torch.arange(12.0), k=7)
     with pytest.raises(ValueError, match="diverged"):
         energy_based_sampling(features, torch.full((12,), float("nan")), k=5)
 
@@ -129,7 +132,7 @@ def test_greg_plus_draws_2k_outliers_from_the_pool(refresh):
     objective = GRegPlus(_aux(), cfg, m_in=-5, m_out=-1, pool_factor=4, refresh=refresh)
     objective.start_epoch(model, 1, torch.device("cpu"))
     out = objective.draw_outliers(model, torch.device("cpu"))
-    assert out.shape == (8, 1, 28, 28)  # 2 K with K = batch size = 4
+    assert out.shape == (8, 1, 28, 28)  # 2 B, K = min(64, B) = 4 clusters of one lowest + one highest
     pool = _aux().dataset.images.float() / 255
     assert all(any(torch.equal(o, p) for p in pool) for o in out)
     assert len({bytes(o.numpy()) for o in out}) == 8
@@ -164,5 +167,85 @@ def test_cli_fine_tunes_with_greg_plus(monkeypatch, tmp_path):
                  "--from", str(tmp_path / "erm" / "last.safetensors"), "--out", str(tmp_path / "gp")]) == 0
     meta = json.loads((tmp_path / "gp" / "last.json").read_text())
     assert meta["objective"] == "greg+" and meta["objective_config"]["clusters"] == 8
+    # GReg+ trains with the official clustered runs' Adam (no weight decay); ERM keeps SGD, wd 5e-4
+    assert meta["train_config"]["optimizer"] == "adam" and meta["train_config"]["weight_decay"] == 0.0
+    state = torch.load(tmp_path / "gp" / "train_state.pt", weights_only=True)
+    assert all("exp_avg" in v for v in state["optimizer"]["state"].values())
+    erm = json.loads((tmp_path / "erm" / "last.json").read_text())["train_config"]
+    assert erm["optimizer"] == "sgd" and erm["weight_decay"] == 5e-4
+    assert main(["train", *common, "--method", "greg+", "--aux", "photos:100", "--option", "pool_factor=3",
+                 "--optimizer", "sgd", "--epochs", "1", "--out", str(tmp_path / "gp-sgd")]) == 0
+    assert json.loads((tmp_path / "gp-sgd" / "last.json").read_text())["train_config"]["optimizer"] == "sgd"
     assert math.isfinite(meta["metrics"]["loss"])
     assert meta["objective_config"]["lambda_s"] == 0.1 and meta["objective_config"]["lambda_grad"] == 1.0
+
+
+def test_sampler_takes_b_over_k_lowest_and_highest_per_cluster():
+    features, energies, truth = _clustered(k=5, per=6)
+    low, high = energy_based_sampling(features, energies, k=5, seed=0, per_cluster=2)
+    assert low.shape == high.shape == (10,)
+    for c in range(5):
+        members = torch.nonzero(truth == c).flatten()
+        ranked = members[torch.argsort(energies[members])].tolist()
+        assert sorted(i for i in low.tolist() if truth[i] == c) == sorted(ranked[:2])
+        assert sorted(i for i in high.tolist() if truth[i] == c) == sorted(ranked[-2:])
+
+
+def test_greg_plus_clusters_at_most_64_at_the_default_batch(monkeypatch):
+    """At B = 128: K = min(64, B) = 64 clusters, 2 lowest + 2 highest each (the official int(B / K)), 2B outliers."""
+    import oodlab.training.greg as greg
+
+    objective = GRegPlus(_aux(1536), TrainConfig(batch_size=128, augment=False), m_in=-5, m_out=-1, n_id=256)
+    assert (objective.clusters, objective.per_cluster) == (64, 2)
+    assert objective.pool == objective.outliers.batch_size == 768  # 128 * 1536 / 256
+    calls = []
+
+    def spy(features, energies, k, seed, n_init, per_cluster):
+        calls.append((len(features), k, per_cluster))
+        return energy_based_sampling(features, energies, k, seed, n_init, per_cluster)
+
+    monkeypatch.setattr(greg, "energy_based_sampling", spy)
+    out = objective.draw_outliers(_small_bn_net(), torch.device("cpu"))
+    assert calls == [(768, 64, 2)]
+    assert out.shape == (256, 1, 28, 28) and len({bytes(o.numpy()) for o in out}) == 256
+    small = GRegPlus(_aux(64), TrainConfig(batch_size=8, augment=False), m_in=-5, m_out=-1, pool_factor=4)
+    assert (small.clusters, small.per_cluster) == (8, 1)
+
+
+def test_greg_plus_pool_follows_the_official_formula():
+    assert GRegPlus.pool_size(64, 300_000, 50_000) == 384  # the official CIFAR number
+    assert GRegPlus.pool_size(32, 300_000, 50_000) == 192
+    assert GRegPlus.pool_size(64, 1_000_000, 50_000) == 384  # at most 300K auxiliary images count per epoch
+    assert GRegPlus.pool_size(64, 50_000, 12_000) == 266  # oodlab's Fashion-MNIST fine-tune benchmark
+    assert GRegPlus.pool_size(128, 50_000, 60_000) == 512  # floored at 4 B: 106 could not give 2 B outliers
+    assert GRegPlus.pool_size(8, 20, 2) == 20  # never more than the auxiliary set
+    assert GRegPlus.pool_size(4, 64, None, pool_factor=3) == 12
+    with pytest.raises(ValueError, match="n_id"):
+        GRegPlus(_aux(), TrainConfig(batch_size=4), m_in=-5, m_out=-1)
+    with pytest.raises(ValueError, match="2 \\* batch size"):
+        GRegPlus(_aux(12), TrainConfig(batch_size=8), m_in=-5, m_out=-1, n_id=100)
+
+
+def test_greg_plus_draws_each_aux_image_about_once_per_epoch():
+    aux = _aux(640)
+    objective = GRegPlus(aux, TrainConfig(batch_size=4, augment=False), m_in=-5, m_out=-1, n_id=40)
+    assert objective.pool == 64  # 4 * 640 / 40
+    objective.start_epoch(_small_bn_net(), 1, torch.device("cpu"))
+    seen = [bytes(img.numpy()) for _ in range(40 // 4) for img in objective.outliers.next()]  # one epoch of steps
+    assert len(seen) == len(set(seen)) == 640
+    assert set(seen) == {bytes((img.float() / 255).numpy()) for img in aux.dataset.images}
+
+
+def test_greg_uses_its_own_margins_on_cifar():
+    assert default_margins("cifar10", "greg") == default_margins("cifar10", "greg+") == (-25.0, -7.0)
+    assert default_margins("cifar10") == (-23.0, -5.0)  # Energy-OE keeps its official runs' margins
+    assert default_margins("fashionmnist", "greg+") == default_margins("fashionmnist") == (-10.0, -5.0)
+    suite = dataclasses.replace(make_tiny_suite(n_train=32), name="cifar10")
+    cfg = TrainConfig(batch_size=4, augment=False)
+    for method in ("greg", "greg+"):
+        objective = OBJECTIVES[method](model=_small_bn_net(), suite=suite, config=cfg, aux=_aux())
+        assert (objective.m_in, objective.m_out) == (-25.0, -7.0)
+    oe = OBJECTIVES["energy-oe"](model=_small_bn_net(), suite=suite, config=cfg, aux=_aux())
+    assert (oe.m_in, oe.m_out) == (-23.0, -5.0)
+    with pytest.raises(ValueError, match="no energy margins"):
+        default_margins("cifar10", "oe")
