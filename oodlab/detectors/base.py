@@ -71,6 +71,12 @@ class Detector(ABC):
 
         ``train`` may be None for detectors with ``needs_train = False``.
         """
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"head must be the classifier's nn.Linear (model.head), got {type(head).__name__}")
+        if not torch.isfinite(head.weight).all() or (head.bias is not None and not torch.isfinite(head.bias).all()):
+            raise ValueError("the head's weight or bias contains NaN or inf values; check the checkpoint")
+        if train is not None and not (hasattr(train, "z") and hasattr(train, "logits")):
+            raise ValueError(f"{self.name}.fit takes Features (z, logits, labels), got {type(train).__name__}")
         if train is None:
             if self.needs_train:
                 raise ValueError(f"{self.name} learns from ID training features: pass them to fit")
@@ -89,6 +95,8 @@ class Detector(ABC):
         self._check_fitted()
         if self.needs == "model":
             raise TypeError(f"{self.name} needs the model: use score_with_model(detector, model, data)")
+        if not (hasattr(feats, "z") and hasattr(feats, "logits")):
+            raise ValueError(f"{self.name}.score takes Features (z, logits), got {type(feats).__name__}")
         _check_features(feats, "features")
         if feats.z.shape[1] != self.state["weight"].shape[1]:
             raise ValueError(f"{self.name} was fitted on {self.state['weight'].shape[1]}-d features, got {feats.z.shape[1]}-d")
@@ -174,9 +182,11 @@ class Detector(ABC):
 
 def _check_features(feats: Features, what: str) -> None:
     if len(feats) == 0:
-        raise ValueError(f"{what} are empty")
-    if not torch.isfinite(feats.z).all() or not torch.isfinite(feats.logits).all():
-        raise ValueError(f"{what} contain NaN or inf values; check the model and the input data")
+        raise ValueError(f"{what} are empty (0 samples): pass at least one")
+    bad = int((~torch.isfinite(feats.z)).any(1).sum()) + int((~torch.isfinite(feats.logits)).any(1).sum())
+    if bad:
+        raise ValueError(f"{what} contain NaN or inf values (in {bad} rows of z / logits); check the model and the "
+                         "input data")
 
 
 REGISTRY: dict[str, type[Detector]] = {}
@@ -197,11 +207,11 @@ def available() -> list[str]:
 
 def create(name: str, **params: Any) -> Detector:
     """A new detector by registry name, e.g. ``create("ash-b", percentile=65)``."""
-    if name not in REGISTRY:
+    if not isinstance(name, str) or name not in REGISTRY:
         raise ValueError(f"unknown detector {name!r}; available: {', '.join(available())}")
     try:
         return REGISTRY[name](**params)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # a wrong keyword, or a value the constructor refused
         raise ValueError(f"bad parameters for {name}: {exc}") from exc
 
 
@@ -219,10 +229,14 @@ def load_detector(path: str | Path) -> Detector:
     if not isinstance(config, dict):
         raise ValueError(f"{meta}: 'config' must be a mapping of parameters; fit the detector again")
     try:
+        det = create(name, **config)
+    except (ValueError, TypeError) as exc:  # edited by hand: a wrong type or range, an unknown name or parameter
+        raise ValueError(f"{meta}: {exc}; fix the file or fit the detector again") from None
+    try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{path} is truncated or not a safetensors file ({exc}); fit the detector again") from exc
-    return create(name, **config).load_state_dict(state)
+    return det.load_state_dict(state)
 
 
 def score_with_model(detector: Detector, model: Classifier, data: ImageSet, batch_size: int = 256,

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..features import Features
 from .base import Detector, energy, register
+from ..validate import number
 from .react import activation_percentile
 
 __all__ = ["DICE", "DICEReAct", "dice_mask", "mean_features"]
@@ -51,9 +52,7 @@ class DICE(Detector):
 
     def __init__(self, p: float = 90.0) -> None:
         super().__init__()
-        if not 0 <= p < 100:
-            raise ValueError(f"p (percent of weights pruned) must be in [0, 100), got {p}")
-        self.p = p
+        self.p = number("p (percent of weights pruned)", p, 0, 100, high_open=True)
 
     def _fit(self, train: Features) -> None:
         self.state["mean"] = mean_features(train.z)
@@ -85,9 +84,7 @@ class DICEReAct(DICE):
 
     def __init__(self, p: float = 90.0, react_percentile: float = 90.0) -> None:
         super().__init__(p)
-        if not 0 <= react_percentile <= 100:
-            raise ValueError(f"react_percentile must be in [0, 100], got {react_percentile}")
-        self.react_percentile = react_percentile
+        self.react_percentile = number("react_percentile", react_percentile, 0, 100)
 
     def _fit(self, train: Features) -> None:
         super()._fit(train)

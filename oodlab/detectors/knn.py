@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..features import Features
 from .base import Detector, register
+from ..validate import integer, number
 
 __all__ = ["KNN", "l2_normalise"]
 
@@ -35,12 +36,8 @@ class KNN(Detector):
 
     def __init__(self, k: int = 50, fraction: float = 1.0) -> None:
         super().__init__()
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction of ID-train features to keep must be in (0, 1], got {fraction}")
-        self.k = k
-        self.fraction = fraction
+        self.k = integer("k", k, 1)
+        self.fraction = number("fraction of ID-train features to keep", fraction, 0, 1, low_open=True)
 
     def _fit(self, train: Features) -> None:
         z = train.z

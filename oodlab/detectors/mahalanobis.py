@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..features import Features
 from .base import Detector, register
+from ..validate import flag
 
 __all__ = ["Mahalanobis", "RMDS", "class_statistics", "moments"]
 
@@ -71,9 +72,7 @@ class Mahalanobis(Detector):
 
     def __init__(self, normalize: bool = False) -> None:
         super().__init__()
-        if not isinstance(normalize, bool):
-            raise ValueError(f"normalize must be True or False, got {normalize!r}")
-        self.normalize = normalize
+        self.normalize = flag("normalize", normalize)
 
     def _features(self, z: Tensor) -> Tensor:
         z = z.double()

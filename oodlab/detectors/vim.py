@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..features import Features
 from .base import Detector, energy, register
+from ..validate import integer
 
 __all__ = ["ViM", "Residual", "default_dim"]
 
@@ -34,9 +35,7 @@ class ViM(Detector):
 
     def __init__(self, dim: int | None = None) -> None:
         super().__init__()
-        if dim is not None and dim < 1:
-            raise ValueError(f"dim must be >= 1 or None (automatic), got {dim}")
-        self.dim = dim
+        self.dim = integer("dim", dim, 1, allow_none=True, hint="None picks it from the feature size")
 
     def _fit(self, train: Features) -> None:
         d = train.z.shape[1]
