@@ -20,6 +20,7 @@ from torch import Tensor
 from .data.base import BROKEN, ImageSet, batches
 from .models.adapter import Classifier, inference_input
 from .runtime import atomic_path, atomic_write_text, cache_dir, default_device, file_sha256, progress
+from .validate import integer, tensor
 
 __all__ = ["Features", "extract", "FeatureCache", "UnreadableImagesError"]
 
@@ -43,12 +44,16 @@ class Features:
     labels: Tensor | None = None
     skipped: tuple[int, ...] = ()
 
-    def __post_init__(self) -> None:
-        if self.z.ndim != 2 or self.logits.ndim != 2 or self.z.shape[0] != self.logits.shape[0]:
-            raise ValueError(f"z must be (N, D) and logits (N, C) with the same N; got {tuple(self.z.shape)} "
-                             f"and {tuple(self.logits.shape)}")
-        if self.labels is not None and self.labels.shape != (self.z.shape[0],):
-            raise ValueError(f"labels must be ({self.z.shape[0]},), got {tuple(self.labels.shape)}")
+    def __post_init__(self) -> None:  # shapes and dtypes only: NaN / inf are checked where they are read (fit, score)
+        tensor("z", self.z, "ND")
+        tensor("logits", self.logits, "NC")
+        if self.z.shape[0] != self.logits.shape[0] or 0 in (self.z.shape[1], self.logits.shape[1]):
+            raise ValueError(f"z must be (N, D) and logits (N, C) with the same N and D, C >= 1; got "
+                             f"{tuple(self.z.shape)} and {tuple(self.logits.shape)}")
+        if self.labels is not None:
+            tensor("labels", self.labels, "N", floating=False)
+            if self.labels.shape != (self.z.shape[0],):
+                raise ValueError(f"labels must be ({self.z.shape[0]},), got {tuple(self.labels.shape)}")
 
     def __len__(self) -> int:
         return self.z.shape[0]
@@ -80,6 +85,8 @@ def extract(model: Classifier, data: ImageSet, batch_size: int = 512, device: to
     On CUDA the forward pass runs under bfloat16 autocast by default (see :func:`autocast_dtype`);
     the features are stored in float32 either way.
     """
+    batch_size = integer("batch_size", batch_size, 1)
+    model.check_input(data)
     device = torch.device(device) if device is not None else default_device()
     fast = model.for_inference().to(device)
     dtype = autocast_dtype(device, autocast)
