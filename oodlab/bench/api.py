@@ -12,6 +12,7 @@ from typing import Any
 from ..detectors.base import Detector, available, create
 from ..features import FeatureCache
 from ..specs import DataSpec, resolve
+from ..validate import integer
 from .html import write_report
 from .report import format_summary, write_tables
 from .runner import BenchContext, run_detectors
@@ -56,6 +57,7 @@ def run_bench(suite: DataSpec = "fashionmnist", detectors: str | list[str] | Non
     (an oodlab checkpoint, ``torchvision:NAME`` or ``timm:NAME`` with ``weights``; default: oodlab's
     shipped default model, or with ``retrain`` one trained with the default recipe on first use) and
     write results into ``out_dir``. Returns the result rows."""
+    integer("batch_size", batch_size, 1)
     dets = parse_detectors(detectors, params)
     loaded, suite_obj = resolve(checkpoint, suite, weights, data_root, device, fit_subset, retrain=retrain)
     model, meta, model_id = loaded.model, loaded.meta, loaded.model_id
