@@ -15,7 +15,8 @@ an entry that cannot be read is recomputed.
 
 Each finished detector appends its rows to ``results.jsonl`` and its per-sample scores to
 ``scores/<key>.npz``; a re-run with the same output folder skips what is already there, so an
-interrupted benchmark resumes instead of starting over.
+interrupted benchmark resumes instead of starting over. A detector counts as done only when every
+OOD set has its row, so a row lost to a truncated file is recomputed.
 """
 
 from __future__ import annotations
@@ -144,8 +145,12 @@ def run_detectors(ctx: BenchContext, detectors: list[Detector]) -> list[dict[str
     """Fit and score every detector, append rows per detector, skip detectors already done."""
     out = Path(ctx.out_dir)
     (out / "scores").mkdir(parents=True, exist_ok=True)
-    done = {(r["key"], r["model_id"]) for r in load_rows(out)}
-    todo = [d for d in detectors if (detector_key(d), ctx.model_id) not in done]
+    _end_last_line(out / "results.jsonl")
+    have: dict[tuple[str, str], set[str]] = {}
+    for r in load_rows(out):
+        have.setdefault((r["key"], r["model_id"]), set()).add(r["ood"])
+    # a detector is done when every OOD set has its row: one cut short (truncated file) is recomputed
+    todo = [d for d in detectors if not set(ctx.suite.ood) <= have.get((detector_key(d), ctx.model_id), set())]
     if todo:
         cached = {id(d) for d in todo if _load_fit(ctx, d)}
         train, test, oods = ctx.features(train=any(d.needs_train and id(d) not in cached for d in todo),
@@ -179,6 +184,19 @@ def _run_one(ctx: BenchContext, det: Detector, train: Features | None, test: Fea
     rows = [{**base, "ood": name, "group": ctx.suite.group_of(name), **evaluate(scores["id"], scores[name])}
             for name in oods]
     _append(ctx.out_dir / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+
+def _end_last_line(path: Path) -> None:
+    """End a last line cut short (a truncated or half-copied results.jsonl) so the next row starts on its own line."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+    except OSError:  # no file yet, or an empty one (seek before the start)
+        return
+    if last != b"\n":
+        log.warning("%s ends in a line cut short; it is ignored and its rows are recomputed", path)
+        _append(path, "\n")
 
 
 def _append(path: Path, text: str) -> None:
