@@ -244,6 +244,7 @@ def score_with_model(detector: Detector, model: Classifier, data: ImageSet, batc
     """Scores of a ``needs = "model"`` detector over a whole data set, batch by batch, on the model's fast
     inference copy (:meth:`Classifier.for_inference`); float64, on the CPU."""
     detector._check_fitted()
+    model.check_input(data)
     device = torch.device(device) if device is not None else default_device()
     fast = model.for_inference().to(device)
     out = [detector.score_inputs(fast, inference_input(x, device)).double().cpu()
