@@ -11,7 +11,8 @@ Next to the feature cache, fitted detector states (keyed by model, training set 
 settings) and the per-sample scores of model-path detectors (keyed by model, data set and
 detector settings) are cached too, so a second run on the same model fits and back-propagates
 nothing again. Fitting and model-path scoring are deterministic for a device and thread count;
-an entry that cannot be read is recomputed.
+each entry carries a SHA-256 of its tensors, and one that cannot be read or was altered is
+recomputed (with a warning), never used.
 
 Each finished detector appends its rows to ``results.jsonl`` and its per-sample scores to
 ``scores/<key>.npz``; a re-run with the same output folder skips what is already there, so an
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..data.suites import Suite
@@ -106,22 +107,54 @@ def _fit_path(ctx: BenchContext, det: Detector) -> Path:
     return _cached(ctx, "detectors", ctx.suite.id_train.fingerprint, detector_key(det)).with_suffix(".safetensors")
 
 
+def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_checked(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A cache entry: safetensors whose metadata holds a SHA-256 of the tensors, written atomically."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"sha256": _tensors_sha256(tensors)})
+
+
+def _load_checked(path: Path, what: str, redo: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of a cache entry written by :func:`_save_checked`; None (with a warning) when there is none
+    or it is unusable: unreadable, without its checksum, or altered since it was written."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            digest = (f.metadata() or {}).get("sha256")
+        tensors = load_file(str(path))
+        if digest is None:
+            raise ValueError("no checksum")
+        if digest != _tensors_sha256(tensors):
+            raise ValueError("checksum mismatch (altered file)")
+    except (SafetensorError, OSError, ValueError) as exc:  # an unusable entry is recomputed, never used
+        log.warning("%s cache entry %s is unusable (%s); %s", what, path.name, exc, redo)
+        return None
+    return tensors
+
+
 def _load_fit(ctx: BenchContext, det: Detector) -> bool:
     """Restore ``det``'s state fitted earlier on this model's training features; True if there was one."""
-    path = _fit_path(ctx, det)
-    if not det.needs_train or not path.is_file():
+    if not det.needs_train:
         return False
-    try:
-        det.load_state_dict(load_file(str(path)))
-    except (SafetensorError, OSError) as exc:  # an unreadable entry is refitted, never used
-        log.warning("fitted-detector cache entry %s is unusable (%s); refitting", path.name, exc)
+    state = _load_checked(_fit_path(ctx, det), "fitted-detector", "refitting")
+    if state is None:
         return False
+    det.load_state_dict(state)
     return True
 
 
 def _save_fit(ctx: BenchContext, det: Detector) -> None:
-    with atomic_path(_fit_path(ctx, det)) as tmp:
-        save_file({k: v.contiguous() for k, v in det.state_dict().items()}, str(tmp))
+    _save_checked(_fit_path(ctx, det), det.state_dict())
 
 
 def _score(det: Detector, ctx: BenchContext, feats: Features | None, data) -> torch.Tensor:
@@ -129,15 +162,12 @@ def _score(det: Detector, ctx: BenchContext, feats: Features | None, data) -> to
         assert feats is not None
         return det.score(feats)
     batch = min(ctx.batch_size, 256)
-    path = _cached(ctx, "scores", data.fingerprint, detector_key(det), str(batch)).with_suffix(".npy")
-    if path.is_file():
-        try:
-            return torch.from_numpy(np.load(path, allow_pickle=False))
-        except (OSError, ValueError) as exc:
-            log.warning("score cache entry %s is unusable (%s); recomputing", path.name, exc)
+    path = _cached(ctx, "scores", data.fingerprint, detector_key(det), str(batch)).with_suffix(".safetensors")
+    cached = _load_checked(path, "score", "recomputing")
+    if cached is not None:
+        return cached["scores"]
     scores = score_with_model(det, ctx.model, data, batch, ctx.device)
-    with atomic_path(path) as tmp:
-        np.save(tmp, scores.numpy())
+    _save_checked(path, {"scores": scores})
     return scores
 
 

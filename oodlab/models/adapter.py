@@ -107,7 +107,9 @@ class Classifier(nn.Module):
         model's input size is unknown, sends that one image through the network."""
         if len(data) == 0:
             raise ValueError(f"{data.name} is empty: there are no images to extract features from")
-        got = tuple(data.dataset[0][0].shape)
+        ds = data.dataset  # files read with a Preprocessing have its shape: no need to decode one
+        prep = getattr(ds, "prep", None) or getattr(getattr(ds, "dataset", None), "prep", None)
+        got = tuple(prep.input_shape) if prep is not None else tuple(ds[0][0].shape)
         if len(got) != 3:
             raise ValueError(f"{data.name} has items of shape {got}; the model takes images (channels, height, width)")
         if self.input_shape is not None:

@@ -308,7 +308,8 @@ def test_checkpoint_of_another_architecture_at_the_api(tmp_path):
     ckpt.with_suffix(".json").write_text(json.dumps({"arch": "smallcnn", "num_classes": 10, "in_channels": 1}))
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(ckpt)
-    one_line(exc, "does not match architecture 'smallcnn'", "size mismatch")
+    one_line(exc, "does not match architecture 'smallcnn'",
+             "2 of another shape (e.g. head.weight: (3, 128) in the file, (10, 128) in the model)")
 
 
 def _flip_byte(files):
@@ -381,3 +382,31 @@ def test_truncated_results_jsonl_resumes_and_recomputes_the_broken_row(cut, tmp_
     for key in {r["key"] for r in clean}:
         a, b = load_scores(tmp_path / "clean", key), load_scores(out, key)
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_altered_fit_and_score_cache_entries_are_recomputed(tmp_path, caplog):
+    """The fitted-detector and model-path score caches beside the features carry a checksum too: an altered
+    entry (a flipped byte inside a tensor, which safetensors alone would load) is recomputed, never used."""
+    suite = make_tiny_suite()
+    torch.manual_seed(0)
+    model = build("smallcnn", 3, 1).eval()
+    dets = lambda: [create("knn", k=5), create("odin")]  # noqa: E731
+    ctx = lambda out: BenchContext(suite, model, "m", tmp_path / out, FeatureCache(tmp_path / "cache" / "features"),  # noqa: E731
+                                   batch_size=32, device="cpu")
+    first = run_detectors(ctx("a"), dets())
+    entries = [f for kind in ("detectors", "scores") for f in (tmp_path / "cache" / kind).iterdir()]
+    assert len(entries) == 1 + 3  # knn's fit; odin's scores of ID test and two OOD sets
+    for f in entries:
+        raw = bytearray(f.read_bytes())
+        raw[-3] ^= 0x01  # the last tensor's data, not the header
+        f.write_bytes(bytes(raw))
+    again = run_detectors(ctx("b"), dets())
+    assert caplog.text.count("checksum mismatch (altered file)") == 4
+    assert _strip(again) == _strip(first)
+    assert {r["fit_cached"] for r in again if r["detector"] == "knn"} == {False}  # refitted
+    for key in {r["key"] for r in first}:
+        a, b = load_scores(tmp_path / "a", key), load_scores(tmp_path / "b", key)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    caplog.clear()
+    run_detectors(ctx("c"), dets())
+    assert "unusable" not in caplog.text  # the recomputed entries are whole
