@@ -82,8 +82,8 @@ class Lab:
                     r, q = divmod(c, 2)
                     img[r * 14 + 2: r * 14 + 12, q * 14 + 2: q * 14 + 12] = 230
                     Image.fromarray(img).save(folder / f"{i:03d}.png")
-        for name, make in (("noise", lambda: g.integers(0, 256, (28, 28), dtype=np.uint8)),
-                           ("stripes", lambda: np.tile((np.arange(28) % 3 == 0)[:, None] * 200, (1, 28)).astype(np.uint8))):
+        stripes = np.tile((np.arange(28) % 3 == 0)[:, None] * 200, (1, 28)).astype(np.uint8)
+        for name, make in (("noise", lambda: g.integers(0, 256, (28, 28), dtype=np.uint8)), ("stripes", lambda: stripes)):
             (self.data / name).mkdir()
             for i in range(24):
                 Image.fromarray(make()).save(self.data / name / f"{i:03d}.png")
@@ -402,8 +402,9 @@ def kill_cases(lab: Lab) -> list[Case]:
     a, b = load_file(str(d / "clean" / "last.safetensors")), load_file(str(d / "run" / "last.safetensors"))
     same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     out.append(("`kill -9` during `oodlab train` (epoch 3 of 4), same command again",
-                KILLED + (f"; the re-run prints: {err.strip()}" if err.strip() else ""), f"{_shell(code)} then {again}", "epoch 3's unsaved progress, recomputed: final weights equal an uninterrupted "
-                "run's" if same else "final weights differ"))
+                KILLED + (f"; the re-run prints: {err.strip()}" if err.strip() else ""), f"{_shell(code)} then {again}",
+                "epoch 3's unsaved progress, recomputed: final weights equal an uninterrupted run's" if same
+                else "final weights differ"))
 
     d = lab.fresh("kill-bench")
     _complete(lab.bench_args(d / "clean"), d / "clean-cache")

@@ -58,7 +58,7 @@ def test_temporary_files_of_killed_writers_are_removed(tmp_path):
         stale, busy = Path(killed.stdout.readline().strip()), Path(live.stdout.readline().strip())
         killed.send_signal(signal.SIGKILL)
         killed.wait()
-        foreign = stale.with_name(stale.name.replace(f"{killed.pid}-", "999999-").rsplit("-", 1)[0] + "-elsewhere.tmp.safetensors")
+        foreign = stale.with_name(".state.999999-1-elsewhere.tmp.safetensors")  # a dead pid, on another machine
         foreign.write_bytes(b"another machine's write in progress")
         assert stale.exists() and busy.exists() and foreign.exists()
         from oodlab.runtime import atomic_write_text
