@@ -23,23 +23,16 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
+from .validate import number, score_array
+
 __all__ = ["auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "fpr_at_tpr_ood_positive", "evaluate", "bootstrap_metrics",
            "bootstrap_ci"]
 
 
 def _labelled(score_id: ArrayLike, score_ood: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate and validate scores; returns (scores, labels) with ID = 1."""
-    sid = np.asarray(score_id, dtype=np.float64).ravel()
-    sood = np.asarray(score_ood, dtype=np.float64).ravel()
-    for name, s in (("ID", sid), ("OOD", sood)):
-        if s.size == 0:
-            raise ValueError(f"{name} scores are empty: metrics need at least one ID and one OOD sample")
-        bad = ~np.isfinite(s)
-        if bad.any():
-            raise ValueError(
-                f"{name} scores contain {int(bad.sum())} NaN/inf value(s); "
-                "fix the detector or the features before computing metrics"
-            )
+    """Concatenate and validate scores (1-D, not empty, finite: :func:`oodlab.validate.score_array`);
+    returns (scores, labels) with ID = 1."""
+    sid, sood = score_array("ID", score_id), score_array("OOD", score_ood)
     scores = np.concatenate([sid, sood])
     labels = np.concatenate([np.ones(sid.size), np.zeros(sood.size)])
     return scores, labels
@@ -88,8 +81,7 @@ def fpr_at_tpr(score_id: ArrayLike, score_ood: ArrayLike, tpr: float = 0.95) -> 
 
     This is the papers' FPR95 (ODIN, Energy, ReAct, DICE, ASH, KNN, GReg, UM).
     """
-    if not 0.0 < tpr <= 1.0:
-        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    number("tpr", tpr, 0.0, 1.0, low_open=True)
     scores, labels = _labelled(score_id, score_ood)
     tps, fps = _roc_counts(scores, labels)
     first = int(np.argmax(tps / tps[-1] >= tpr - 1e-12))
@@ -101,11 +93,12 @@ def fpr_at_tpr_ood_positive(score_id: ArrayLike, score_ood: ArrayLike, tpr: floa
 
     Not comparable with :func:`fpr_at_tpr`; provided only to compare with those tools.
     """
-    return fpr_at_tpr(-np.asarray(score_ood, dtype=np.float64), -np.asarray(score_id, dtype=np.float64), tpr)
+    return fpr_at_tpr(-score_array("OOD", score_ood), -score_array("ID", score_id), tpr)
 
 
 def evaluate(score_id: ArrayLike, score_ood: ArrayLike) -> dict[str, float]:
     """All headline metrics for one ID/OOD pair: auroc, fpr95, aupr_in, aupr_out (fractions in [0, 1])."""
+    score_id, score_ood = score_array("ID", score_id), score_array("OOD", score_ood)  # one check, one message
     return {
         "auroc": auroc(score_id, score_ood),
         "fpr95": fpr_at_tpr(score_id, score_ood, 0.95),

@@ -6,6 +6,8 @@ import csv
 import hashlib
 import os
 import random
+import re
+import socket
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -48,14 +50,51 @@ def progress(iterable=None, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to someone else, or the question cannot be asked
+        return True
+    return True
+
+
+def _remove_stale(path: Path) -> None:
+    """Delete the temporary files of ``path`` left by writers on this machine that were killed mid-write
+    (their process is gone). Writers on other machines sharing the folder are never touched."""
+    if os.name != "posix":
+        return
+    prefix, suffix = f".{path.stem}.", f".tmp{path.suffix}"
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        pid, _, rest = name[len(prefix):-len(suffix)].partition("-")
+        if pid.isdigit() and rest.partition("-")[2] == _HOST and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary name beside ``path``, unique to this process and thread, renamed to ``path`` when the
-    block succeeds: readers see the old file or the new one, never half of one, and two writers
-    never share a temporary file (the last rename wins)."""
+    """A temporary name beside ``path``, unique to this process, thread and machine, renamed to ``path`` when
+    the block succeeds: readers see the old file or the new one, never half of one, and two writers
+    never share a temporary file (the last rename wins). Temporary files of ``path`` that a killed
+    process on this machine left behind are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
+    _remove_stale(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}-{_HOST}.tmp{path.suffix}")
     try:
         yield tmp
         tmp.replace(path)

@@ -21,6 +21,7 @@ from .data.custom import load_suite_file, suite_from_flags
 from .data.preprocessing import Preprocessing
 from .data.suites import SUITES, Suite, load_suite
 from .models.loaders import LoadedModel, load_model
+from .validate import integer
 
 __all__ = ["SuiteFlags", "resolve", "resolve_suite"]
 
@@ -88,7 +89,6 @@ def resolve(model: str | Path | None = None, data: DataSpec = "fashionmnist", we
         raise ValueError(f"{loaded.spec} takes inputs of shape {loaded.input_shape} but suite {suite.name} gives "
                          f"{tuple(suite.input_shape)}")
     if fit_subset is not None:
-        if fit_subset < 1:
-            raise ValueError(f"--fit-subset must be a positive number of images, got {fit_subset}")
+        fit_subset = integer("--fit-subset (a number of images)", fit_subset, 1)
         suite = dataclasses.replace(suite, id_train=suite.id_train.subset(fit_subset, seed))
     return loaded, suite

@@ -1,6 +1,18 @@
-"""Small data sets shared by tests."""
+"""Small data sets and subprocess settings shared by tests."""
+
+import os
+from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for an ``oodlab`` subprocess: this checkout first on PYTHONPATH (not whatever oodlab is
+    installed), one thread (so results match an in-process run on one thread), quiet progress bars."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "OODLAB_QUIET": "1", **extra}
 
 
 def make_tiny_suite(n_train: int = 96, n_test: int = 48, seed: int = 0):

@@ -15,6 +15,7 @@ from .. import distributed
 from ..detectors.base import Detector, available, create
 from ..features import FeatureCache
 from ..specs import DataSpec, resolve
+from ..validate import integer
 from .html import write_report
 from .report import format_summary, write_tables
 from .runner import BenchContext, run_detectors
@@ -65,6 +66,7 @@ def run_bench(suite: DataSpec = "fashionmnist", detectors: str | list[str] | Non
     cache; rank 0 alone fits, scores and writes (the other ranks return an empty list)."""
     if cache_dtype not in ("float32", "float16"):
         raise ValueError(f"cache_dtype must be 'float32' or 'float16', got {cache_dtype!r}")
+    integer("batch_size", batch_size, 1)
     dets = parse_detectors(detectors, params)
     loaded, suite_obj = resolve(checkpoint, suite, weights, data_root, device, fit_subset, retrain=retrain)
     model, meta, model_id = loaded.model, loaded.meta, loaded.model_id

@@ -11,11 +11,13 @@ Next to the feature cache, fitted detector states (keyed by model, training set 
 settings) and the per-sample scores of model-path detectors (keyed by model, data set and
 detector settings) are cached too, so a second run on the same model fits and back-propagates
 nothing again. Fitting and model-path scoring are deterministic for a device and thread count;
-an entry that cannot be read is recomputed.
+each entry carries a SHA-256 of its tensors, and one that cannot be read or was altered is
+recomputed (with a warning), never used.
 
 Each finished detector appends its rows to ``results.jsonl`` and its per-sample scores to
 ``scores/<key>.npz``; a re-run with the same output folder skips what is already there, so an
-interrupted benchmark resumes instead of starting over.
+interrupted benchmark resumes instead of starting over. A detector counts as done only when every
+OOD set has its row, so a row lost to a truncated file is recomputed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..data.suites import Suite
@@ -109,22 +111,54 @@ def _fit_path(ctx: BenchContext, det: Detector) -> Path:
     return _cached(ctx, "detectors", ctx.suite.id_train.fingerprint, detector_key(det)).with_suffix(".safetensors")
 
 
+def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_checked(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A cache entry: safetensors whose metadata holds a SHA-256 of the tensors, written atomically."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"sha256": _tensors_sha256(tensors)})
+
+
+def _load_checked(path: Path, what: str, redo: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of a cache entry written by :func:`_save_checked`; None (with a warning) when there is none
+    or it is unusable: unreadable, without its checksum, or altered since it was written."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            digest = (f.metadata() or {}).get("sha256")
+        tensors = load_file(str(path))
+        if digest is None:
+            raise ValueError("no checksum")
+        if digest != _tensors_sha256(tensors):
+            raise ValueError("checksum mismatch (altered file)")
+    except (SafetensorError, OSError, ValueError) as exc:  # an unusable entry is recomputed, never used
+        log.warning("%s cache entry %s is unusable (%s); %s", what, path.name, exc, redo)
+        return None
+    return tensors
+
+
 def _load_fit(ctx: BenchContext, det: Detector) -> bool:
     """Restore ``det``'s state fitted earlier on this model's training features; True if there was one."""
-    path = _fit_path(ctx, det)
-    if not det.needs_train or not path.is_file():
+    if not det.needs_train:
         return False
-    try:
-        det.load_state_dict(load_file(str(path)))
-    except (SafetensorError, OSError) as exc:  # an unreadable entry is refitted, never used
-        log.warning("fitted-detector cache entry %s is unusable (%s); refitting", path.name, exc)
+    state = _load_checked(_fit_path(ctx, det), "fitted-detector", "refitting")
+    if state is None:
         return False
+    det.load_state_dict(state)
     return True
 
 
 def _save_fit(ctx: BenchContext, det: Detector) -> None:
-    with atomic_path(_fit_path(ctx, det)) as tmp:
-        save_file({k: v.contiguous() for k, v in det.state_dict().items()}, str(tmp))
+    _save_checked(_fit_path(ctx, det), det.state_dict())
 
 
 def _score(det: Detector, ctx: BenchContext, feats: FeatureSource | None, data) -> torch.Tensor:
@@ -132,15 +166,12 @@ def _score(det: Detector, ctx: BenchContext, feats: FeatureSource | None, data) 
         assert feats is not None
         return det.score(feats)
     batch = min(ctx.batch_size, 256)
-    path = _cached(ctx, "scores", data.fingerprint, detector_key(det), str(batch)).with_suffix(".npy")
-    if path.is_file():
-        try:
-            return torch.from_numpy(np.load(path, allow_pickle=False))
-        except (OSError, ValueError) as exc:
-            log.warning("score cache entry %s is unusable (%s); recomputing", path.name, exc)
+    path = _cached(ctx, "scores", data.fingerprint, detector_key(det), str(batch)).with_suffix(".safetensors")
+    cached = _load_checked(path, "score", "recomputing")
+    if cached is not None:
+        return cached["scores"]
     scores = score_with_model(det, ctx.model, data, batch, ctx.device)
-    with atomic_path(path) as tmp:
-        np.save(tmp, scores.numpy())
+    _save_checked(path, {"scores": scores})
     return scores
 
 
@@ -151,8 +182,12 @@ def run_detectors(ctx: BenchContext, detectors: list[Detector]) -> list[dict[str
     writes (the other ranks return an empty list)."""
     out = Path(ctx.out_dir)
     (out / "scores").mkdir(parents=True, exist_ok=True)
-    done = {(r["key"], r["model_id"]) for r in load_rows(out)}
-    todo = [d for d in detectors if (detector_key(d), ctx.model_id) not in done]
+    _end_last_line(out / "results.jsonl")
+    have: dict[tuple[str, str], set[str]] = {}
+    for r in load_rows(out):
+        have.setdefault((r["key"], r["model_id"]), set()).add(r["ood"])
+    # a detector is done when every OOD set has its row: one cut short (truncated file) is recomputed
+    todo = [d for d in detectors if not set(ctx.suite.ood) <= have.get((detector_key(d), ctx.model_id), set())]
     if todo:
         cached = {id(d) for d in todo if _load_fit(ctx, d)}
         train, test, oods = ctx.features(train=any(d.needs_train and id(d) not in cached for d in todo),
@@ -197,6 +232,19 @@ def _accuracy(det: Detector, test: FeatureSource) -> float:
         return float("nan")
     right = sum(int((det.logits(c).argmax(1) == c.labels).sum()) for c in test.chunks())
     return right / len(test)
+
+
+def _end_last_line(path: Path) -> None:
+    """End a last line cut short (a truncated or half-copied results.jsonl) so the next row starts on its own line."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+    except OSError:  # no file yet, or an empty one (seek before the start)
+        return
+    if last != b"\n":
+        log.warning("%s ends in a line cut short; it is ignored and its rows are recomputed", path)
+        _append(path, "\n")
 
 
 def _append(path: Path, text: str) -> None:

@@ -25,6 +25,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from ..validate import integer
 from .base import DataMissingError, ImageSet
 from .preprocessing import IMAGENET, Preprocessing
 from .sources import folder
@@ -77,7 +78,7 @@ def suite_from_spec(spec: dict[str, Any], prep: Preprocessing, base: str | Path 
         raise SuiteSpecError(f"{where}: needs at least one OOD set under [ood.near] or [ood.far]")
     _unknown(f"{where}: [ood]", set(oods), _GROUPS)
     root = base / spec["root"] if "root" in spec else base
-    num_classes = spec.get("num_classes")
+    num_classes = integer(f"{where}: num_classes", spec.get("num_classes"), 1, allow_none=True)
     train = _image_set(ids["train"], "id-train", root, prep, where, True, None, num_classes)
     classes = getattr(train.dataset, "classes", None) or None  # class folders: test and val map by name
     num_classes = num_classes or train.num_classes or 1 + max(train.dataset.labels)  # type: ignore[attr-defined]

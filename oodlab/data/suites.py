@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..validate import integer, shape
 from .base import ArrayDataset, DataMissingError, ImageSet, tensor_fingerprint
 from .locate import search_roots
 from .preprocessing import Preprocessing
@@ -34,6 +35,18 @@ class Suite:
     input_shape: tuple[int, int, int]
     aux: ImageSet | None = field(default=None)
     id_val: ImageSet | None = field(default=None)  # held-out ID data for calibration, where the suite has it
+
+    def __post_init__(self) -> None:
+        integer("num_classes", self.num_classes, 1)
+        shape("input_shape", self.input_shape, 3)
+        if not self.ood:
+            raise ValueError(f"suite {self.name} has no OOD sets: give at least one")
+        listed = [n for names in self.groups.values() for n in names]
+        wrong = sorted(set(listed) - set(self.ood)) or sorted({n for n in listed if listed.count(n) > 1})
+        missing = sorted(set(self.ood) - set(listed))
+        if wrong or missing:
+            raise ValueError(f"suite {self.name}: every OOD set must be in exactly one group; "
+                             + (f"groups list {wrong} (unknown or twice)" if wrong else f"{missing} are in no group"))
 
     def group_of(self, ood_name: str) -> str:
         return next(g for g, names in self.groups.items() if ood_name in names)

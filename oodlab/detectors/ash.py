@@ -29,6 +29,7 @@ from torch import Tensor
 from ..features import Features
 from ..models.adapter import Classifier
 from .base import Detector, energy, register
+from ..validate import flag, number
 
 __all__ = ["ASHP", "ASHB", "ASHS", "ash", "kept_count", "sum_ratio"]
 
@@ -69,10 +70,8 @@ class _ASH(Detector):
 
     def __init__(self, percentile: float, feature_map: bool = False) -> None:
         super().__init__()
-        if not 0 <= percentile < 100:
-            raise ValueError(f"percentile must be in [0, 100), got {percentile}")
-        self.percentile = percentile
-        self.feature_map = feature_map
+        self.percentile = number("percentile", percentile, 0, 100, high_open=True)
+        self.feature_map = flag("feature_map", feature_map)
         # feature-map mode must see the input, so this instance goes through the model path
         self.needs = "model" if feature_map else "features"  # type: ignore[misc]
 

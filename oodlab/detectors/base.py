@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..data.base import ImageSet, batches
-from ..features import Features, FeatureSource, chunk_rows
+from ..features import Features, FeatureSource, StoredFeatures, chunk_rows
 from ..models.adapter import Classifier, inference_input
 from ..runtime import atomic_path, atomic_write_text, default_device, progress
 
@@ -72,6 +72,12 @@ class Detector(ABC):
         :class:`~oodlab.features.StoredFeatures` on disk: fits read them chunk by chunk) and the
         classifier's ``head``. ``train`` may be None for detectors with ``needs_train = False``.
         """
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"head must be the classifier's nn.Linear (model.head), got {type(head).__name__}")
+        if not torch.isfinite(head.weight).all() or (head.bias is not None and not torch.isfinite(head.bias).all()):
+            raise ValueError("the head's weight or bias contains NaN or inf values; check the checkpoint")
+        if train is not None and not isinstance(train, (Features, StoredFeatures)):
+            raise ValueError(f"{self.name}.fit takes Features or StoredFeatures, got {type(train).__name__}")
         if train is None:
             if self.needs_train:
                 raise ValueError(f"{self.name} learns from ID training features: pass them to fit")
@@ -90,6 +96,8 @@ class Detector(ABC):
         self._check_fitted()
         if self.needs == "model":
             raise TypeError(f"{self.name} needs the model: use score_with_model(detector, model, data)")
+        if not isinstance(feats, (Features, StoredFeatures)):
+            raise ValueError(f"{self.name}.score takes Features or StoredFeatures, got {type(feats).__name__}")
         _check_features(feats, "features")
         if feats.dim != self.state["weight"].shape[1]:
             raise ValueError(f"{self.name} was fitted on {self.state['weight'].shape[1]}-d features, got {feats.dim}-d")
@@ -179,9 +187,13 @@ class Detector(ABC):
 
 def _check_features(feats: FeatureSource, what: str) -> None:
     if len(feats) == 0:
-        raise ValueError(f"{what} are empty")
+        raise ValueError(f"{what} are empty (0 samples): pass at least one")
     if not feats.all_finite():
-        raise ValueError(f"{what} contain NaN or inf values; check the model and the input data")
+        where = ""
+        if isinstance(feats, Features):
+            bad = int((~torch.isfinite(feats.z)).any(1).sum()) + int((~torch.isfinite(feats.logits)).any(1).sum())
+            where = f" (in {bad} rows of z / logits)"
+        raise ValueError(f"{what} contain NaN or inf values{where}; check the model and the input data")
 
 
 REGISTRY: dict[str, type[Detector]] = {}
@@ -202,11 +214,11 @@ def available() -> list[str]:
 
 def create(name: str, **params: Any) -> Detector:
     """A new detector by registry name, e.g. ``create("ash-b", percentile=65)``."""
-    if name not in REGISTRY:
+    if not isinstance(name, str) or name not in REGISTRY:
         raise ValueError(f"unknown detector {name!r}; available: {', '.join(available())}")
     try:
         return REGISTRY[name](**params)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # a wrong keyword, or a value the constructor refused
         raise ValueError(f"bad parameters for {name}: {exc}") from exc
 
 
@@ -224,10 +236,14 @@ def load_detector(path: str | Path) -> Detector:
     if not isinstance(config, dict):
         raise ValueError(f"{meta}: 'config' must be a mapping of parameters; fit the detector again")
     try:
+        det = create(name, **config)
+    except (ValueError, TypeError) as exc:  # edited by hand: a wrong type or range, an unknown name or parameter
+        raise ValueError(f"{meta}: {exc}; fix the file or fit the detector again") from None
+    try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{path} is truncated or not a safetensors file ({exc}); fit the detector again") from exc
-    return create(name, **config).load_state_dict(state)
+    return det.load_state_dict(state)
 
 
 def score_with_model(detector: Detector, model: Classifier, data: ImageSet, batch_size: int = 256,
@@ -235,6 +251,7 @@ def score_with_model(detector: Detector, model: Classifier, data: ImageSet, batc
     """Scores of a ``needs = "model"`` detector over a whole data set, batch by batch, on the model's fast
     inference copy (:meth:`Classifier.for_inference`); float64, on the CPU."""
     detector._check_fitted()
+    model.check_input(data)
     device = torch.device(device) if device is not None else default_device()
     fast = model.for_inference().to(device)
     out = [detector.score_inputs(fast, inference_input(x, device)).double().cpu()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from torch import Tensor
 
 from ..features import Features, FeatureSource
 from .base import Detector, energy, register
+from ..validate import number
 from .react import activation_percentile
 from .stats import mean_features
 
@@ -41,9 +44,7 @@ class DICE(Detector):
 
     def __init__(self, p: float = 90.0) -> None:
         super().__init__()
-        if not 0 <= p < 100:
-            raise ValueError(f"p (percent of weights pruned) must be in [0, 100), got {p}")
-        self.p = p
+        self.p = number("p (percent of weights pruned)", p, 0, 100, high_open=True)
 
     def _fit(self, train: FeatureSource) -> None:
         self.state["mean"] = mean_features(train)
@@ -81,12 +82,8 @@ class DICEReAct(DICE):
 
     def __init__(self, p: float = 10.0, react_percentile: float = 90.0, threshold: float | None = None) -> None:
         super().__init__(p)
-        if not 0 <= react_percentile <= 100:
-            raise ValueError(f"react_percentile must be in [0, 100], got {react_percentile}")
-        if threshold is not None and np.isnan(threshold):
-            raise ValueError("threshold must be a number or None (estimate it from ID training features)")
-        self.react_percentile = react_percentile
-        self.threshold = threshold
+        self.react_percentile = number("react_percentile", react_percentile, 0, 100)
+        self.threshold = number("threshold", threshold, -math.inf, low_open=True, allow_none=True, allow_inf=True)
 
     def _fit(self, train: FeatureSource) -> None:
         super()._fit(train)

@@ -68,6 +68,7 @@ from zuko.transforms import CouplingTransform
 from ..features import Features, FeatureSource
 from ..runtime import default_device, progress
 from .base import Detector, register
+from ..validate import choice, integer, number
 
 __all__ = ["FlowDensity", "build_flow", "glow_steps", "glow_log_prob", "initialize_actnorm", "FLOW_KINDS", "NORMALIZATIONS"]
 
@@ -270,25 +271,13 @@ class FlowDensity(Detector):
     def __init__(self, epochs: int = 1, batch_size: int = 250, lr: float = 1e-4, blocks: int = 10,
                  kind: str = "glow", normalize: str = "l2", seed: int = 0) -> None:
         super().__init__()
-        if int(epochs) != epochs or epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {epochs}")
-        if int(batch_size) != batch_size or batch_size < 2:
-            raise ValueError(f"batch_size must be an integer >= 2, got {batch_size}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if int(blocks) != blocks or blocks < 1:
-            raise ValueError(f"blocks must be a positive integer, got {blocks}")
-        if kind not in FLOW_KINDS:
-            raise ValueError(f"kind must be one of {', '.join(FLOW_KINDS)}, got {kind!r}")
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
-        self.epochs = int(epochs)
-        self.batch_size = int(batch_size)
-        self.lr = float(lr)
-        self.blocks = int(blocks)
-        self.kind = kind
-        self.normalize = normalize
-        self.seed = int(seed)
+        self.epochs = integer("epochs", epochs, 1)
+        self.batch_size = integer("batch_size", batch_size, 2)
+        self.lr = float(number("lr", lr, 0.0, low_open=True))
+        self.blocks = integer("blocks", blocks, 1)
+        self.kind = choice("kind", kind, FLOW_KINDS)
+        self.normalize = choice("normalize", normalize, NORMALIZATIONS)
+        self.seed = integer("seed", seed, 0)
         self._flow: Flow | None = None
         self._steps: list[Step] | None = None
 

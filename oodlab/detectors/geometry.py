@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..features import FeatureSource
 from .base import Detector, register
+from ..validate import flag, number
 from .stats import mean_features
 
 __all__ = ["FDBD", "NCI"]
@@ -28,9 +29,7 @@ class FDBD(Detector):
 
     def __init__(self, distance_as_normalizer: bool = True) -> None:
         super().__init__()
-        if not isinstance(distance_as_normalizer, bool):
-            raise ValueError(f"distance_as_normalizer must be True or False, got {distance_as_normalizer!r}")
-        self.distance_as_normalizer = distance_as_normalizer
+        self.distance_as_normalizer = flag("distance_as_normalizer", distance_as_normalizer)
 
     def _fit(self, train: FeatureSource) -> None:
         self.state["mean"] = mean_features(train)
@@ -60,9 +59,7 @@ class NCI(Detector):
 
     def __init__(self, alpha: float = 1e-4) -> None:
         super().__init__()
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
-        self.alpha = alpha
+        self.alpha = number("alpha", alpha, 0)
 
     def _fit(self, train: FeatureSource) -> None:
         self.state["mean"] = mean_features(train)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .base import Detector, register
+from ..validate import number
 
 __all__ = ["GradNorm"]
 
@@ -26,9 +27,7 @@ class GradNorm(Detector):
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
+        self.temperature = number("temperature", temperature, 0.0, low_open=True)
 
     def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
         p = torch.softmax(logits.double() / self.temperature, dim=1)

@@ -12,6 +12,7 @@ from typing_extensions import Self
 from ..features import FeatureSource
 from ..runtime import available_memory
 from .base import Detector, register
+from ..validate import choice, integer, number
 
 __all__ = ["KNN", "l2_normalise"]
 
@@ -49,18 +50,10 @@ class KNN(Detector):
 
     def __init__(self, k: int = 50, fraction: float = 1.0, index: str = "flat", nprobe: int = 16) -> None:
         super().__init__()
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction of ID-train features to keep must be in (0, 1], got {fraction}")
-        if index not in ("flat", "ivf"):
-            raise ValueError(f"index must be 'flat' (exact) or 'ivf' (approximate), got {index!r}")
-        if nprobe < 1:
-            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
-        self.k = k
-        self.fraction = fraction
-        self.index = index
-        self.nprobe = nprobe
+        self.k = integer("k", k, 1)
+        self.fraction = number("fraction of ID-train features to keep", fraction, 0, 1, low_open=True)
+        self.index = choice("index", index, ("flat", "ivf"))
+        self.nprobe = integer("nprobe", nprobe, 1)
         self._faiss: faiss.Index | None = None
 
     @property

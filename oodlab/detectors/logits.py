@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .base import Detector, energy, register
+from ..validate import integer, number
 
 __all__ = ["MSP", "MaxLogit", "Energy", "GEN"]
 
@@ -17,9 +18,7 @@ class _Tempered(Detector):
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
+        self.temperature = number("temperature", temperature, 0.0, low_open=True)
 
 
 @register
@@ -70,12 +69,8 @@ class GEN(Detector):
 
     def __init__(self, gamma: float = 0.1, M: int = 100) -> None:
         super().__init__()
-        if not gamma > 0:
-            raise ValueError(f"gamma must be > 0, got {gamma}")
-        if int(M) != M or M < 1:
-            raise ValueError(f"M (how many top probabilities) must be a positive integer, got {M}")
-        self.gamma = gamma
-        self.M = int(M)
+        self.gamma = number("gamma", gamma, 0.0, low_open=True)
+        self.M = integer("M (how many top probabilities)", M, 1)
 
     def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
         p = torch.softmax(logits.double(), dim=1)

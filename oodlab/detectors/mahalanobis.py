@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..features import FeatureSource
 from .base import Detector, register
+from ..validate import flag
 from .stats import Moments, class_moments
 
 __all__ = ["Mahalanobis", "RMDS"]
@@ -43,9 +44,7 @@ class Mahalanobis(Detector):
 
     def __init__(self, normalize: bool = False) -> None:
         super().__init__()
-        if not isinstance(normalize, bool):
-            raise ValueError(f"normalize must be True or False, got {normalize!r}")
-        self.normalize = normalize
+        self.normalize = flag("normalize", normalize)
 
     def _features(self, z: Tensor) -> Tensor:
         z = z.double()

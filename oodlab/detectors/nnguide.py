@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ..features import FeatureSource
 from .base import Detector, energy, register
+from ..validate import integer, number
 from .knn import l2_normalise
 
 __all__ = ["NNGuide"]
@@ -27,12 +28,8 @@ class NNGuide(Detector):
 
     def __init__(self, k: int = 100, fraction: float = 0.01) -> None:
         super().__init__()
-        if int(k) != k or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k}")
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        self.k = int(k)
-        self.fraction = fraction
+        self.k = integer("k", k, 1)
+        self.fraction = number("fraction", fraction, 0, 1, low_open=True)
 
     def _fit(self, train: FeatureSource) -> None:
         if len(train) < self.k:

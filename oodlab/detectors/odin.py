@@ -9,6 +9,7 @@ from torch import Tensor
 from ..features import Features
 from ..models.adapter import Classifier
 from .base import Detector, register
+from ..validate import number
 
 __all__ = ["ODIN"]
 
@@ -35,12 +36,8 @@ class ODIN(Detector):
 
     def __init__(self, temperature: float = 1000.0, eps: float = 0.0014) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        self.temperature = temperature
-        self.eps = eps
+        self.temperature = number("temperature", temperature, 0.0, low_open=True)
+        self.eps = number("eps", eps, 0)
 
     def score_inputs(self, model: Classifier, x: Tensor) -> Tensor:
         with torch.enable_grad():

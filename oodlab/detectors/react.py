@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from torch import Tensor
 from ..features import Features, FeatureSource
 from . import stats
 from .base import Detector, energy, register
+from ..validate import number
 
 __all__ = ["ReAct", "activation_percentile"]
 
@@ -35,12 +38,9 @@ class ReAct(Detector):
 
     def __init__(self, percentile: float = 90.0, threshold: float | None = None) -> None:
         super().__init__()
-        if not 0 <= percentile <= 100:
-            raise ValueError(f"percentile must be in [0, 100], got {percentile}")
-        if threshold is not None and np.isnan(threshold):
-            raise ValueError("threshold must be a number or None (estimate it from ID training features)")
-        self.percentile = percentile
-        self.threshold = threshold
+        self.percentile = number("percentile", percentile, 0, 100)
+        self.threshold = number("threshold", threshold, -math.inf, low_open=True, allow_none=True, allow_inf=True,
+                                hint="None estimates it from ID training features")
 
     @property
     def clip(self) -> float:

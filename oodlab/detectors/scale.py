@@ -9,6 +9,7 @@ from torch import Tensor
 from ..features import Features
 from .ash import kept_count, sum_ratio
 from .base import Detector, energy, register
+from ..validate import number
 
 __all__ = ["SCALE", "scale_features"]
 
@@ -40,9 +41,7 @@ class SCALE(Detector):
 
     def __init__(self, percentile: float = 85.0) -> None:
         super().__init__()
-        if not 0 <= percentile < 100:
-            raise ValueError(f"percentile must be in [0, 100), got {percentile}")
-        self.percentile = percentile
+        self.percentile = number("percentile", percentile, 0, 100, high_open=True)
 
     def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
         return energy(F.linear(scale_features(z, self.percentile), self.weight.double(), self.bias.double()))

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..features import FeatureSource
 from .base import Detector, energy, register
+from ..validate import integer
 from .stats import class_moments
 
 __all__ = ["ViM", "Residual", "default_dim"]
@@ -32,9 +33,7 @@ class ViM(Detector):
 
     def __init__(self, dim: int | None = None) -> None:
         super().__init__()
-        if dim is not None and dim < 1:
-            raise ValueError(f"dim must be >= 1 or None (automatic), got {dim}")
-        self.dim = dim
+        self.dim = integer("dim", dim, 1, allow_none=True, hint="None picks it from the feature size")
 
     def _fit(self, train: FeatureSource) -> None:
         d = train.dim

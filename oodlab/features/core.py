@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..validate import tensor
+
 __all__ = ["Features", "chunk_rows", "CHUNK_BYTES"]
 
 #: Rows per chunk are chosen so that one chunk in float64 takes about this many bytes.
@@ -38,12 +40,16 @@ class Features:
     labels: Tensor | None = None
     skipped: tuple[int, ...] = ()
 
-    def __post_init__(self) -> None:
-        if self.z.ndim != 2 or self.logits.ndim != 2 or self.z.shape[0] != self.logits.shape[0]:
-            raise ValueError(f"z must be (N, D) and logits (N, C) with the same N; got {tuple(self.z.shape)} "
-                             f"and {tuple(self.logits.shape)}")
-        if self.labels is not None and self.labels.shape != (self.z.shape[0],):
-            raise ValueError(f"labels must be ({self.z.shape[0]},), got {tuple(self.labels.shape)}")
+    def __post_init__(self) -> None:  # shapes and dtypes only: NaN / inf are checked where they are read (fit, score)
+        tensor("z", self.z, "ND")
+        tensor("logits", self.logits, "NC")
+        if self.z.shape[0] != self.logits.shape[0] or 0 in (self.z.shape[1], self.logits.shape[1]):
+            raise ValueError(f"z must be (N, D) and logits (N, C) with the same N and D, C >= 1; got "
+                             f"{tuple(self.z.shape)} and {tuple(self.logits.shape)}")
+        if self.labels is not None:
+            tensor("labels", self.labels, "N", floating=False)
+            if self.labels.shape != (self.z.shape[0],):
+                raise ValueError(f"labels must be ({self.z.shape[0]},), got {tuple(self.labels.shape)}")
 
     def __len__(self) -> int:
         return self.z.shape[0]

@@ -20,6 +20,7 @@ from .. import distributed
 from ..data.base import BROKEN, ImageSet, batches
 from ..models.adapter import Classifier, inference_input
 from ..runtime import cache_dir, default_device, progress
+from ..validate import integer
 from .core import Features
 from .store import StoredFeatures, check_shard, write_shard
 
@@ -56,6 +57,8 @@ def extract(model: Classifier, data: ImageSet, batch_size: int = 512, device: to
     On CUDA the forward pass runs under bfloat16 autocast by default (see :func:`autocast_dtype`);
     the features are stored in float32 either way.
     """
+    batch_size = integer("batch_size", batch_size, 1)
+    model.check_input(data)
     stop = len(data) if stop is None else stop
     if not 0 <= start < stop <= len(data):
         raise ValueError(f"cannot extract items [{start}, {stop}) of {data.name}, which has {len(data)}")

@@ -62,6 +62,10 @@ def check_shard(entry: Path, k: int, key: dict[str, str], items: tuple[int, int]
             raise ValueError("key mismatch (stale entry)")
         if verify and record.get("sha256") != file_sha256(tensors):
             raise ValueError("checksum mismatch (corrupted file)")
+        if verify:
+            with safe_open(str(tensors), "pt") as f:
+                if list(f.get_slice("z").get_shape()) != [record["rows"], record["dim"]]:
+                    raise ValueError("row count or width mismatch (edited sidecar)")
         return record
     except Exception as exc:  # any unusable shard is rebuilt, never used
         log.warning("feature cache shard %s/%s is unusable (%s); rebuilding it", entry.name, tensors.name, exc)

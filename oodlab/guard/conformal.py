@@ -27,6 +27,8 @@ import torch
 from scipy.special import gammaln
 from torch import Tensor
 
+from ..validate import number
+
 __all__ = ["sorted_calibration", "p_values", "rank_for_alpha", "rank_for_tpr", "benjamini_hochberg", "FlagRateReport", "flag_rate_test"]
 
 
@@ -46,11 +48,7 @@ def p_values(cal_sorted: Tensor, scores: Tensor) -> Tensor:
 
 
 def _check_rate(value: float, name: str) -> float:
-    value = float(value)
-    if not 0 < value < 1 and not (name == "tpr" and value == 1):
-        bounds = "(0, 1]" if name == "tpr" else "(0, 1)"
-        raise ValueError(f"{name} must be in {bounds}, got {value}")
-    return value
+    return float(number(name, value, 0.0, 1.0, low_open=True, high_open=name != "tpr"))
 
 
 def rank_for_alpha(n: int, alpha: float) -> int:
@@ -126,8 +124,7 @@ def flag_rate_test(flags: Tensor, n_cal: int, k: int, level: float = 0.01) -> Fl
     m, j = len(flags), int(flags.sum())
     if m == 0:
         raise ValueError("the stream is empty: pass the flags of at least one presumed-ID input")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+    level = _check_rate(level, "level")
     js = np.arange(j, m + 1)
     log_pmf = (_log_comb(js + k - 1, js) + _log_comb(m - js + n_cal - k, m - js) - _log_comb(n_cal + m, m))
     tail = float(np.exp(log_pmf).sum())

@@ -35,6 +35,7 @@ from ..detectors.base import Detector, load_detector, score_with_model
 from ..features import Features, extract
 from ..models.adapter import Classifier, inference_input
 from ..models.zoo import load_checkpoint, save_checkpoint, state_fingerprint
+from .. import validate
 from ..runtime import default_device, file_sha256
 from .conformal import (FlagRateReport, benjamini_hochberg, flag_rate_test, p_values, rank_for_alpha, rank_for_tpr,
                         sorted_calibration)
@@ -78,14 +79,17 @@ class Guard:
 
     def __init__(self, model: Classifier, detector: Detector, input_shape: Sequence[int] | Preprocessing,
                  model_meta: dict[str, Any] | None = None, device: torch.device | str | None = None) -> None:
+        if not isinstance(model, Classifier) or not isinstance(detector, Detector):
+            raise ValueError(f"Guard(model, detector, ...) takes a Classifier and a fitted Detector, got "
+                             f"{type(model).__name__} and {type(detector).__name__}")
         if not detector.fitted:
             raise GuardError(f"{detector.name} is not fitted: fit it on ID training features before guarding")
         if isinstance(input_shape, Preprocessing):
             self.prep = input_shape
         else:
-            shape = tuple(int(v) for v in input_shape)
-            if len(shape) != 3 or min(shape) < 1 or shape[1] != shape[2]:
-                raise ValueError(f"input_shape must be (channels, size, size), got {tuple(input_shape)}")
+            shape = validate.shape("input_shape (channels, size, size)", input_shape, 3)
+            if shape[1] != shape[2]:
+                raise ValueError(f"input_shape must be (channels, size, size) with square images, got {shape}")
             self.prep = Preprocessing(shape[1], shape[0])
         shape = self.prep.input_shape
         self.model, self.detector, self.input_shape = model.eval(), detector, shape

@@ -15,6 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.fx.experimental.optimization import fuse
 
+from ..data.base import ImageSet
+from ..validate import number, shape
+
 __all__ = ["Classifier", "AdapterError", "inference_input"]
 
 
@@ -48,13 +51,21 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, body: nn.Module, pool: nn.Module, head: nn.Linear,
-                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)) -> None:
+                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
+                 input_shape: Sequence[int] | None = None) -> None:
         super().__init__()
         if not isinstance(head, nn.Linear):
             raise AdapterError(f"the head must be an nn.Linear, got {type(head).__name__}")
+        for v in mean:
+            number("mean", v)
+        for v in std:
+            number("std", v, 0.0, low_open=True)
         self.body, self.pool, self.head = body, pool, head
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        #: (channels, height, width) the network was built for, when known (model loaders set it); None:
+        #: any size the network accepts
+        self.input_shape: tuple[int, int, int] | None = shape("input_shape", input_shape, 3) if input_shape else None
 
     @property
     def num_classes(self) -> int:
@@ -77,6 +88,51 @@ class Classifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+    @property
+    def in_channels(self) -> int | None:
+        """Channels the model takes: its input shape's, else those of its per-channel normalisation, else
+        those of its first convolution; None when nothing says."""
+        if self.input_shape is not None:
+            return self.input_shape[0]
+        if self.mean.numel() > 1:
+            return self.mean.numel()
+        conv = next((m for m in self.body.modules() if isinstance(m, nn.Conv2d)), None)
+        return conv.in_channels if conv is not None else None
+
+    @torch.no_grad()
+    def check_input(self, data: ImageSet) -> None:
+        """Refuse, in one line naming expected vs got, a data set whose images this model cannot take
+        (wrong channel count or size), before any batch runs: reads the first image, and when the
+        model's input size is unknown, sends that one image through the network."""
+        if len(data) == 0:
+            raise ValueError(f"{data.name} is empty: there are no images to extract features from")
+        ds = data.dataset  # files read with a Preprocessing have its shape: no need to decode one
+        prep = getattr(ds, "prep", None) or getattr(getattr(ds, "dataset", None), "prep", None)
+        got = tuple(prep.input_shape) if prep is not None else tuple(ds[0][0].shape)
+        if len(got) != 3:
+            raise ValueError(f"{data.name} has items of shape {got}; the model takes images (channels, height, width)")
+        if self.input_shape is not None:
+            if got != self.input_shape:
+                raise ValueError(f"{data.name} has images of shape {got} but the model takes {self.input_shape} "
+                                 "(channels, height, width): read them with the model's preprocessing")
+            return
+        channels = self.in_channels
+        if channels is not None and got[0] != channels:
+            raise ValueError(f"{data.name} has images with {got[0]} channel(s) (shape {got}) but the model takes "
+                             f"{channels}: convert them (grayscale / RGB) first")
+        param = next(self.parameters(), None)
+        x = torch.zeros(1, *got, device=param.device if param is not None else "cpu")
+        was_training = self.training
+        self.eval()
+        try:
+            self.head(self.pool(self.body(self.normalise(x))))
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise ValueError(f"{data.name} has images of shape {got} that the model cannot take ({first}); "
+                             "give images of the size and channels it was built for") from None
+        finally:
+            self.train(was_training)
 
     def for_inference(self) -> "Classifier":
         """An eval-mode copy that computes the same function faster: for feature extraction and scoring.

@@ -161,6 +161,7 @@ def load_model(spec: str | Path, weights: str | Path | None = None, device: str 
             raise ValueError("--weights is for torchvision:NAME and timm:NAME models; an oodlab checkpoint holds its own")
         model, meta = load_checkpoint(text, device)
         prep = arch_preprocessing(meta["arch"], meta["in_channels"])
+        model.input_shape = prep.input_shape  # extract() then refuses images of another shape in one line
         return LoadedModel(model, checkpoint_fingerprint(text), prep, text, meta)
     wpath = Path(weights) if weights is not None else None
     loader = _torchvision if kind == "torchvision" else _timm
@@ -180,5 +181,6 @@ def load_model(spec: str | Path, weights: str | Path | None = None, device: str 
             model = Classifier.from_final_linear(net, probe, mean, std)
         except AdapterError as exc:
             raise AdapterError(f"{text}: {exc}") from exc
+    model.input_shape = prep.input_shape
     model_id = _digest(text, file_sha256(wpath), json.dumps(prep.describe(), sort_keys=True))
     return LoadedModel(model.to(device).eval(), model_id, prep, text, {"source": text, "weights": str(wpath)})

@@ -138,12 +138,30 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path} is truncated or not a safetensors file ({exc}); restore it or re-train") from exc
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
-        raise CheckpointError(f"{path} does not match architecture {meta['arch']!r}: {detail}") from exc
+    mismatch = _state_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"{path} does not match architecture {meta['arch']!r} ({meta_path.name} says "
+                              f"{meta['num_classes']} classes, {meta['in_channels']} channels): {mismatch}; use the "
+                              ".json written with these weights, or re-train")
+    model.load_state_dict(state)
     return model.to(device).eval(), meta
+
+
+def _state_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str:
+    """How the weights ``got`` differ from those a model ``expected``, in a few words ("" when they fit)."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [k for k in expected if k in got and tuple(expected[k].shape) != tuple(got[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} not in the model (e.g. {unexpected[0]})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of another shape (e.g. {k}: {tuple(got[k].shape)} in the file, "
+                     f"{tuple(expected[k].shape)} in the model)")
+    return ", ".join(parts)
 
 
 def checkpoint_fingerprint(path: str | Path) -> str:

@@ -14,7 +14,6 @@ Unleashing Mask...), so every method shares this one loop.
 from __future__ import annotations
 
 import json
-import math
 import pickle
 import shutil
 import time
@@ -34,6 +33,7 @@ from ..data.base import ArrayDataset, ImageSet, batches
 from ..models.adapter import Classifier, inference_input
 from ..models.zoo import save_checkpoint
 from ..runtime import atomic_path, atomic_write_text, default_device, progress, seed_everything
+from ..validate import choice, flag, integer, number
 
 __all__ = ["TrainConfig", "Objective", "train", "resolve_config", "evaluate_accuracy", "augment", "shuffled_batches",
            "EpochHook"]
@@ -61,16 +61,19 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in metadata (method settings)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
-        for name in ("lr", "momentum", "weight_decay"):
-            value = getattr(self, name)
-            if value is None and name == "weight_decay":
-                continue
-            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value}")
-        if self.schedule not in ("cosine", "constant") or self.optimizer not in (None, "sgd", "adam"):
-            raise ValueError("schedule must be 'cosine' or 'constant'; optimizer 'sgd' or 'adam'")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            setattr(self, name, integer(name, getattr(self, name), 1))
+        self.seed = integer("seed", self.seed, 0)
+        number("lr", self.lr, 0.0, low_open=True)
+        number("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        if self.weight_decay is not None:  # None: the method's default (see resolve_config)
+            number("weight_decay", self.weight_decay, 0.0)
+        choice("schedule", self.schedule, ("cosine", "constant"))
+        if self.optimizer is not None:
+            choice("optimizer", self.optimizer, ("sgd", "adam"))
+        flag("augment", self.augment)
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict of method settings, got {type(self.extra).__name__}")
 
 
 class Objective(ABC):

@@ -42,7 +42,7 @@ def test_too_small_calibration_and_bad_rates_are_refused():
         rank_for_alpha(50, 0.01)
     assert rank_for_alpha(99, 0.01) == 1
     for bad in (0, 1, -0.1, float("nan")):
-        with pytest.raises(ValueError, match="alpha must be in"):
+        with pytest.raises(ValueError, match="alpha must be a finite number in"):
             rank_for_alpha(100, bad)
     with pytest.raises(ValueError, match="empty"):
         sorted_calibration(torch.zeros(0))

@@ -118,7 +118,7 @@ def test_bad_inputs_get_clear_errors(guard, tiny):
         guard(x[0])
     with pytest.raises(ValueError, match="empty"):
         guard.calibrate(torch.zeros(0))
-    with pytest.raises(ValueError, match="alpha must be in"):
+    with pytest.raises(ValueError, match="alpha must be a finite number in"):
         guard.calibrate(tiny.test_set, alpha=1.5)
     with pytest.raises(ValueError, match="not both"):
         guard.calibrate(tiny.test_set, alpha=0.1, tpr=0.9)

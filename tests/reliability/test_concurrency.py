@@ -6,16 +6,16 @@ O_APPEND write each, and a row both processes wrote is read once.
 """
 
 import json
-import os
 import subprocess
 import sys
 
+from helpers import subprocess_env
 from oodlab.features.store import check_shard
 from oodlab.bench import load_rows
 
 
 def test_two_benches_share_cache_and_out(tmp_path):
-    env = {**os.environ, "OODLAB_CACHE": str(tmp_path / "cache"), "OODLAB_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OODLAB_CACHE=str(tmp_path / "cache"))
     cmd = [sys.executable, "-m", "oodlab.cli", "bench", "--detectors", "energy,msp,odin", "--out", str(tmp_path / "out"),
            "--device", "cpu"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
