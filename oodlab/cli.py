@@ -286,9 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                 "list": _list}
     from . import distributed
 
+    joined = False
     try:
         if args.cmd in ("train", "bench"):
-            distributed.init()  # under torchrun: join the process group (gloo on CPU, NCCL on CUDA)
+            joined = distributed.init()  # under torchrun: join the process group (gloo on CPU, NCCL on CUDA)
         handlers[args.cmd](args)
     except (ValueError, FileNotFoundError, TypeError, MemoryError) as exc:
         if args.debug or os.environ.get("OODLAB_DEBUG"):
@@ -300,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        distributed.shutdown()
+        if joined:
+            distributed.shutdown()
     return 0
 
 

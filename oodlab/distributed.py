@@ -13,18 +13,18 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["init", "shutdown", "rank", "world_size", "is_main", "barrier", "block", "all_reduce_sum", "broadcast_object"]
+__all__ = ["init", "shutdown", "rank", "world_size", "is_main", "barrier", "block", "all_reduce_sum", "broadcast_object",
+           "all_gather_cat", "average_gradients", "average_buffers"]
 
 
 def init() -> bool:
-    """Join the process group when launched by ``torchrun``; True if this is a distributed run."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """Join the process group when launched by ``torchrun`` (and not joined yet); True if this call joined it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
     return True
 
 
@@ -64,10 +64,12 @@ def block(n: int, rank: int | None = None, world: int | None = None) -> range:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over ranks, in place (unchanged outside a distributed run)."""
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    """``t`` summed over ranks (a new tensor on ``t``'s device; ``t`` itself outside a distributed run)."""
+    if not dist.is_initialized():
+        return t
+    out = t.detach().clone().to(_device())
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
 
 
 def broadcast_object(obj):
@@ -77,3 +79,51 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _device() -> torch.device:
+    """Where collective tensors must live: the current CUDA device under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` concatenated along dim 0 in rank order (the ranks' lengths may differ)."""
+    if not dist.is_initialized():
+        return t
+    dev = _device()
+    n = torch.tensor([len(t)], device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=dev)
+    padded[: len(t)] = t.to(dev)
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(t.device)
+
+
+def average_gradients(params: list[torch.nn.Parameter], weight: float) -> None:
+    """Replace each gradient by the ``weight``-weighted mean over ranks (``weight`` = this rank's share of
+    the global batch, e.g. its number of samples), in one all-reduce of a flat buffer."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    dev = _device()
+    flat = torch.cat([g.reshape(-1).to(dev) for g in grads] + [torch.ones(1, device=dev)]).mul_(weight)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = flat[:-1] / flat[-1]  # the last entry summed the weights
+    i = 0
+    for g in grads:
+        g.copy_(flat[i:i + g.numel()].view_as(g))
+        i += g.numel()
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (batch-norm running statistics) over ranks, in place."""
+    if not dist.is_initialized():
+        return
+    for b in module.buffers():
+        if b.is_floating_point():
+            t = b.detach().to(_device())
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            b.copy_(t / world_size())

@@ -41,10 +41,10 @@ def cache_dir() -> Path:
 
 
 def progress(iterable=None, **kwargs):
-    """A tqdm bar on stderr; silent when ``OODLAB_QUIET`` is set (tests, scripts)."""
+    """A tqdm bar on stderr; silent when ``OODLAB_QUIET`` is set (tests, scripts) and on ranks other than 0."""
     from tqdm.auto import tqdm
 
-    kwargs.setdefault("disable", bool(os.environ.get("OODLAB_QUIET")))
+    kwargs.setdefault("disable", bool(os.environ.get("OODLAB_QUIET")) or int(os.environ.get("RANK") or 0) > 0)
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)

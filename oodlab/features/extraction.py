@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -91,12 +92,14 @@ def extract(model: Classifier, data: ImageSet, batch_size: int = 512, device: to
 
 class FeatureCache:
     """On-disk cache of features under ``root`` (default ``<cache_dir>/features``), one folder of shards
-    per (model, data set, precision); ``storage=torch.float16`` halves the disk and read volume."""
+    per (model, data set, precision); ``storage=torch.float16`` halves the disk and read volume.
+    ``shard_items`` (default ``$OODLAB_SHARD_ITEMS``, else :data:`SHARD_ITEMS`) sets the items per shard:
+    the unit of resumption and of the split between ``torchrun`` ranks."""
 
-    def __init__(self, root: str | Path | None = None, shard_items: int = SHARD_ITEMS,
+    def __init__(self, root: str | Path | None = None, shard_items: int | None = None,
                  storage: torch.dtype = torch.float32) -> None:
-        if int(shard_items) != shard_items or shard_items < 1:
-            raise ValueError(f"shard_items must be a positive integer, got {shard_items}")
+        shard_items = integer("shard_items", shard_items if shard_items is not None
+                              else int(os.environ.get("OODLAB_SHARD_ITEMS") or SHARD_ITEMS), 1)
         if storage not in (torch.float32, torch.float16):
             raise ValueError(f"storage must be torch.float32 or torch.float16, got {storage}")
         self.root = Path(root) if root is not None else cache_dir() / "features"

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import distributed
 from ..data.auxiliary import aux_source
 from ..data.base import ImageSet
 from ..data.suites import Suite
@@ -68,7 +69,9 @@ def energy_gradient_norms(x: Tensor, energies: Tensor, is_outlier: Tensor, m_in:
         raise ValueError(f"energies and is_outlier must have shape ({x.shape[0]},), got "
                          f"{tuple(energies.shape)} and {tuple(is_outlier.shape)}")
     detected = torch.where(is_outlier, energies > m_out, energies < m_in).detach()
-    group_size = torch.where(is_outlier, is_outlier.sum(), (~is_outlier).sum()).clamp(min=1)
+    # group sizes of the whole (global) batch: under torchrun each rank holds a part of it
+    n_out, n_in = distributed.all_reduce_sum(torch.stack([is_outlier.sum(), (~is_outlier).sum()]))
+    group_size = torch.where(is_outlier, n_out, n_in).clamp(min=1)
     weight = detected.to(energies.dtype) / group_size
     (grad,) = torch.autograd.grad((weight * energies).sum(), x, create_graph=create_graph)
     if input_std is not None:
@@ -164,16 +167,21 @@ class GReg(AuxObjective):
 
 @torch.no_grad()
 def _score_pool(model: Classifier, images: Tensor, device: torch.device, chunk: int = 512) -> tuple[Tensor, Tensor]:
-    """Features and energies of ``images`` in eval mode (as the official code scores its candidates)."""
+    """Features and energies of ``images`` in eval mode (as the official code scores its candidates).
+
+    Under ``torchrun`` each rank scores its contiguous block of ``images`` and the blocks are gathered,
+    so every rank holds the whole pool's values (the weights are the same on every rank, and eval mode
+    scores each image on its own) and clusters and picks exactly as a single process would."""
     was = model.training
     model.eval()
-    zs, es = [], []
-    for i in range(0, len(images), chunk):
-        z = model.features(images[i : i + chunk].to(device))
+    mine = distributed.block(len(images))
+    zs, es = [torch.zeros(0, model.head.in_features)], [torch.zeros(0)]
+    for i in range(mine.start, mine.stop, chunk):
+        z = model.features(images[i : min(i + chunk, mine.stop)].to(device))
         zs.append(z.float().cpu())
         es.append(-torch.logsumexp(model.head(z).float(), dim=1).cpu())
     model.train(was)
-    return torch.cat(zs), torch.cat(es)
+    return distributed.all_gather_cat(torch.cat(zs)), distributed.all_gather_cat(torch.cat(es))
 
 
 class GRegPlus(GReg):
@@ -244,7 +252,7 @@ class GRegPlus(GReg):
     def draw_outliers(self, model: Classifier, device: torch.device) -> Tensor:
         gen = self.outliers.generator
         if self.refresh == "iteration":
-            pool = self.outliers.next()
+            pool = self.outliers.next(whole=True)
             z, e = _score_pool(model, pool, device)
         else:
             pick = torch.randperm(len(self._epoch_index), generator=gen)[: self.outliers.batch_size]
@@ -260,7 +268,8 @@ class GRegPlus(GReg):
             extra = torch.nonzero(others).flatten()
             extra = extra[torch.randperm(len(extra), generator=gen)[: size - len(chosen)]]
             chosen = torch.cat([chosen, extra])
-        return pool[chosen]
+        mine = distributed.block(len(chosen))  # every rank chose the same outliers; each trains on its block
+        return pool[chosen[mine.start:mine.stop]]
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "pool_factor": self.pool_factor, "pool": self.pool, "n_id": self.n_id,

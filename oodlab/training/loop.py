@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from .. import distributed
 from ..data.base import ArrayDataset, ImageSet, batches
 from ..models.adapter import Classifier, inference_input
 from ..models.zoo import save_checkpoint
@@ -110,14 +111,20 @@ class Objective(ABC):
         """Restore what :meth:`state_dict` returned."""
 
 
-def augment(x: Tensor, generator: torch.Generator, shift: int = 2) -> Tensor:
-    """Random horizontal flips and translations of up to ``shift`` pixels (zero padding), per sample."""
+def augment(x: Tensor, generator: torch.Generator, shift: int = 2, rows: tuple[int, int] | None = None) -> Tensor:
+    """Random horizontal flips and translations of up to ``shift`` pixels (zero padding), per sample.
+
+    ``rows = (start, total)`` says ``x`` holds rows ``start ...`` of a batch of ``total``: the random
+    draws are made for the whole batch (as a single process would) and this part's are used, so a
+    rank of a distributed run augments its rows exactly as the single-process run does.
+    """
     n, _, h, w = x.shape
-    flip = torch.rand(n, generator=generator) < 0.5
+    start, total = rows or (0, n)
+    flip = (torch.rand(total, generator=generator) < 0.5)[start:start + n]
     x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
     padded = F.pad(x, (shift, shift, shift, shift))
-    dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator).tolist()
-    dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator).tolist()
+    dy = torch.randint(0, 2 * shift + 1, (total,), generator=generator)[start:start + n].tolist()
+    dx = torch.randint(0, 2 * shift + 1, (total,), generator=generator)[start:start + n].tolist()
     return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
 
 
@@ -131,6 +138,36 @@ def shuffled_batches(data: ImageSet, batch_size: int, generator: torch.Generator
             yield ds.images[idx].float().div_(255), ds.labels[idx]
     else:
         yield from DataLoader(ds, batch_size=batch_size, shuffle=True, generator=generator, num_workers=2)
+
+
+def rank_batches(data: ImageSet, batch_size: int,
+                 generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, tuple[int, int]]]:
+    """This rank's part of each global batch of :func:`shuffled_batches`, with ``(start, total)``: where
+    the part sits in its global batch (see :func:`augment`). A single process gets whole batches.
+
+    Ranks take contiguous blocks of every global batch of ``batch_size``, so the union of the ranks'
+    step equals the single-process step: exactly for in-memory sets (both orders are one ``randperm``);
+    a file-backed set is ordered by one ``randperm`` of ``generator`` too (a single process orders it
+    with the DataLoader's shuffle), and each rank decodes only its own files.
+    """
+    if distributed.world_size() == 1:
+        for x, y in shuffled_batches(data, batch_size, generator):
+            yield x, y, (0, len(y))
+        return
+    order = torch.randperm(len(data), generator=generator)
+    parts = []
+    for i in range(0, len(order), batch_size):
+        batch = order[i:i + batch_size]
+        mine = distributed.block(len(batch))
+        parts.append((batch[mine.start:mine.stop], (mine.start, len(batch))))
+    ds = data.dataset
+    if isinstance(ds, ArrayDataset):
+        for idx, where in parts:
+            yield ds.images[idx].float().div_(255), ds.labels[idx], where
+        return
+    loader = DataLoader(ds, batch_sampler=[idx.tolist() for idx, _ in parts], num_workers=2)
+    for (x, y), (_, where) in zip(loader, parts):
+        yield x, y, where
 
 
 @torch.no_grad()
@@ -177,6 +214,16 @@ def train(model: Classifier, train_set: ImageSet, objective: Objective, cfg: Tra
     ``model_meta`` must name the architecture (``arch``, ``num_classes``, ``in_channels``) so the
     checkpoints can be rebuilt. ``hooks`` run after each epoch; their dicts join the history row.
     Returns the path of the final checkpoint (``run_dir/last.safetensors``).
+
+    Under ``torchrun`` every rank computes its contiguous part of each global batch of
+    ``cfg.batch_size`` (:func:`rank_batches`), then the gradients of the objective's parameters are
+    averaged over ranks weighted by the ranks' sample counts (one all-reduce per step) before the
+    optimiser steps, so every rank holds the same weights. That is what DistributedDataParallel does,
+    done explicitly because GReg's double back-propagation and Unleashing Mask's functional calls with
+    mask scores (parameters outside the model) do not go through DDP's forward. Batch-norm statistics
+    are per rank during the step (as DDP without SyncBatchNorm, which has no CPU kernels) and their
+    running averages are averaged over ranks at the end of each epoch. Rank 0 evaluates, runs the
+    hooks and writes the checkpoints; the others wait.
     """
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -202,30 +249,36 @@ def train(model: Classifier, train_set: ImageSet, objective: Objective, cfg: Tra
         objective.start_epoch(model, epoch, device)
         model.train()
         t0, seen, loss_sum, correct, logs = time.time(), 0, 0.0, 0, {}
-        bar = progress(shuffled_batches(train_set, cfg.batch_size, gen), total=steps_per_epoch,
+        bar = progress(rank_batches(train_set, cfg.batch_size, gen), total=steps_per_epoch,
                        desc=f"epoch {epoch}/{cfg.epochs}", unit="batch")
-        for x, y in bar:
+        for x, y, where in bar:
             if cfg.augment:
-                x = augment(x, gen)
+                x = augment(x, gen, rows=where)
             x, y = inference_input(x, device), y.to(device, non_blocking=True)
             loss, logs = objective.loss(model, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(params, len(y))
             opt.step()
             sched.step()
             seen += len(y)
             loss_sum += float(loss.detach()) * len(y)
             correct += int(logs.pop("correct", 0))
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        seen, loss_sum, correct = distributed.all_reduce_sum(torch.tensor([seen, loss_sum, correct],
+                                                                          dtype=torch.float64)).tolist()
+        distributed.average_buffers(model)
         row: dict[str, Any] = {"epoch": epoch, "loss": loss_sum / seen, "train_acc": correct / seen,
                                "seconds": round(time.time() - t0, 2), **logs}
-        if test_set is not None:
-            row["test_acc"] = evaluate_accuracy(model, test_set, cfg.eval_batch_size, device)
-        for hook in hooks or []:
-            row.update(hook(model, epoch))
-        model.train()
-        _save_epoch(run, model, opt, sched, epoch, _meta(model_meta, cfg, objective, epoch, row, compute), row,
-                    objective.state_dict())
+        if distributed.is_main():
+            if test_set is not None:
+                row["test_acc"] = evaluate_accuracy(model, test_set, cfg.eval_batch_size, device)
+            for hook in hooks or []:
+                row.update(hook(model, epoch))
+            model.train()
+            _save_epoch(run, model, opt, sched, epoch, _meta(model_meta, cfg, objective, epoch, row, compute), row,
+                        objective.state_dict())
+        distributed.barrier()
     return run / "last.safetensors"
 
 
@@ -247,7 +300,8 @@ def _resume(run: Path, model: Classifier, opt, sched, cfg: TrainConfig, objectiv
     """Restore the newest finished epoch from ``run``; returns it (0 = fresh start)."""
     path = run / "train_state.pt"
     if not path.exists():
-        (run / "history.jsonl").unlink(missing_ok=True)
+        if distributed.is_main():
+            (run / "history.jsonl").unlink(missing_ok=True)
         return 0
     from safetensors.torch import load_file
 
@@ -271,6 +325,7 @@ def _resume(run: Path, model: Classifier, opt, sched, cfg: TrainConfig, objectiv
     objective.load_state_dict(state.get("objective_state", {}))
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    lines = (run / "history.jsonl").read_text().splitlines() if (run / "history.jsonl").exists() else []
-    atomic_write_text(run / "history.jsonl", "".join(line + "\n" for line in lines[:epoch]))
+    if distributed.is_main():
+        lines = (run / "history.jsonl").read_text().splitlines() if (run / "history.jsonl").exists() else []
+        atomic_write_text(run / "history.jsonl", "".join(line + "\n" for line in lines[:epoch]))
     return epoch

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import distributed
 from ..data.auxiliary import aux_source
 from ..data.base import ArrayDataset, ImageSet
 from ..data.suites import Suite
@@ -73,6 +74,9 @@ def energy_hinge_loss(logits_in: Tensor, logits_out: Tensor, m_in: float, m_out:
 class OutlierBatches:
     """Endless batches of ``batch_size`` auxiliary outliers in a seeded random order.
 
+    Every rank of a distributed run draws the same sequence (same seed) and keeps its own block of
+    each batch, so the outliers of a step are those of the single-process step, split between ranks.
+
     ``start_epoch`` re-seeds the order from (seed, epoch), so a resumed run draws the same outliers.
     With ``shift`` set, each batch gets the ID training augmentation (flips, shifts of that many pixels).
     """
@@ -98,14 +102,19 @@ class OutlierBatches:
     def augmented(self, x: Tensor) -> Tensor:
         return augment(x, self.generator, self.shift) if self.shift else x
 
-    def next(self) -> Tensor:
-        """The next full batch (a new pass over the set starts when one is used up)."""
+    def next(self, whole: bool = False) -> Tensor:
+        """The next full batch (a new pass over the set starts when one is used up): under ``torchrun``
+        this rank's contiguous part of it, augmented as in a single process; ``whole`` returns all of it."""
         while True:
             batch = next(self._batches, None)
             if batch is None:
                 self._batches = shuffled_batches(self.data, self.batch_size, self.generator)
             elif len(batch[0]) == self.batch_size:
-                return self.augmented(batch[0])
+                x = self.augmented(batch[0])
+                if whole:
+                    return x
+                mine = distributed.block(len(x))
+                return x[mine.start:mine.stop]
 
 
 class AuxObjective(Objective):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .. import distributed
 from ..data.base import ImageSet, batches
 from ..data.suites import Suite
 from ..models.adapter import Classifier
@@ -45,9 +46,20 @@ ESTIMATE_KEEP = 0.965  # the official estimate_loss config: prune_rate 0.965 = k
 UMAP_KEEP = 0.8  # the official UMAP configs: prune_rate 0.8 = keep 80% of each layer
 
 
-def flooded(loss: Tensor, constraint: float) -> Tensor:
-    """``|loss - c| + c``: equals ``loss`` above ``c`` and ``2c - loss`` below, so the gradient flips sign."""
-    return (loss - constraint).abs() + constraint
+def flooded(loss: Tensor, constraint: float, weight: float = 1.0) -> Tensor:
+    """``|loss - c| + c``: equals ``loss`` above ``c`` and ``2c - loss`` below, so the gradient flips sign.
+
+    Under ``torchrun`` ``loss`` is this rank's part of the batch loss (``weight`` = its share, e.g. its
+    sample count): the sign comes from the whole batch's loss (the weighted mean over ranks), so the
+    ranks' averaged gradient is the single-process one, not an average of per-rank floods.
+    """
+    if distributed.world_size() == 1:
+        return (loss - constraint).abs() + constraint
+    total, weights = distributed.all_reduce_sum(torch.stack([loss.detach().double() * weight,
+                                                             torch.tensor(float(weight), dtype=torch.float64,
+                                                                          device=loss.device)]))
+    sign = 1.0 if float(total / weights) >= constraint else -1.0
+    return sign * (loss - constraint) + constraint
 
 
 def maskable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -112,9 +124,21 @@ def estimate_constraint(model: Classifier, data: ImageSet, keep: float = ESTIMAT
               for name, w in maskable_weights(model).items()}
     was_training = model.training
     model.eval()
-    full_sum, masked_sum, rises, labels = 0.0, 0.0, [], []
+    # under torchrun each rank takes a contiguous block of the batches; every rank draws every batch's
+    # augmentation (so its generator stays in step with a single process) and the sums are added up
+    n_batches = (len(data) + batch_size - 1) // batch_size
+    mine = distributed.block(n_batches)
+    stop = min(mine.stop * batch_size, len(data))
+    loader = iter(batches(data, batch_size, start=mine.start * batch_size, stop=stop)) if len(mine) else iter(())
+    full_sum, masked_sum, rises, labels = 0.0, 0.0, [torch.zeros(0)], [torch.zeros(0, dtype=torch.long)]
     try:
-        for x, y in batches(data, batch_size):
+        for b in range(n_batches):
+            if b not in mine:
+                if augmented:
+                    size = min(batch_size, len(data) - b * batch_size)
+                    augment(torch.zeros(size, 1, 1, 1), gen)  # the draws this batch takes
+                continue
+            x, y = next(loader)
             labels.append(y.long())
             if augmented:
                 x = augment(x, gen)
@@ -126,8 +150,10 @@ def estimate_constraint(model: Classifier, data: ImageSet, keep: float = ESTIMAT
             rises.append((ce_masked - ce_full).cpu())
     finally:
         model.train(was_training)
+    full_sum, masked_sum = distributed.all_reduce_sum(torch.tensor([full_sum, masked_sum], dtype=torch.float64)).tolist()
     n = max(len(data), 1)
-    return ConstraintEstimate(masked_sum / n, full_sum / n, torch.cat(rises), torch.cat(labels), keep)
+    return ConstraintEstimate(masked_sum / n, full_sum / n, distributed.all_gather_cat(torch.cat(rises)),
+                              distributed.all_gather_cat(torch.cat(labels)), keep)
 
 
 def write_atypical_report(estimate: ConstraintEstimate, data: ImageSet, out_dir: str | Path, k: int = 64) -> Path:
@@ -201,7 +227,8 @@ class UnleashingMask(Objective):
                              f"(ln {model.num_classes} = {math.log(model.num_classes):.3f}): the model looks "
                              "untrained. Start from a trained model (--from CHECKPOINT) or give --constraint")
         self.constraint = est.constraint
-        write_atypical_report(est, self.train_set, run_dir)
+        if distributed.is_main():
+            write_atypical_report(est, self.train_set, run_dir)
 
     def start_epoch(self, model: Classifier, epoch: int, device: torch.device) -> None:
         self.base.start_epoch(model, epoch, device)
@@ -234,7 +261,7 @@ class UnleashingMask(Objective):
         if float(rest.detach()) < -1e-4 * max(1.0, float(loss.detach())):
             raise RuntimeError(f"the loss of {self.base.name!r} is not CE on the ID batch plus non-negative terms; "
                                "Unleashing Mask cannot flood its cross-entropy")
-        return rest + flooded(ce, self._constraint()), logs
+        return rest + flooded(ce, self._constraint(), len(y)), logs
 
     def loss(self, model: Classifier, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         return self.flooded_loss(model, x, y)

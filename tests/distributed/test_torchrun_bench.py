@@ -1,0 +1,63 @@
+"""`torchrun --nproc-per-node 2` (gloo, CPU) of `oodlab bench` gives the single-process results exactly.
+
+Both ranks extract their own contiguous block of cache shards (shards of 16 items here, so each set is
+split between the ranks and the tiny sets' sizes do not divide evenly); rank 0 alone fits, scores and
+writes. The shard grid does not depend on the world size, so the features, and every result, are equal.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from helpers import subprocess_env
+from oodlab.bench import load_rows, load_scores
+
+TESTS = Path(__file__).resolve().parents[1]
+DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+from helpers import make_tiny_suite
+from oodlab.cli import main
+from oodlab.data import suites
+suites.SUITES["tiny"] = lambda data_root=None: make_tiny_suite(n_train=90, n_test=45)
+sys.exit(main())
+"""
+DETECTORS = "energy,react,mahalanobis,vim,knn,odin"
+VOLATILE = ("fit_s", "score_s")
+
+
+def _bench(tmp_path: Path, name: str, ckpt: Path, launcher: list[str]) -> list[dict]:
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(tests=str(TESTS)))
+    env = {**subprocess_env(), "OODLAB_CACHE": str(tmp_path / f"cache-{name}"), "OODLAB_SHARD_ITEMS": "16",
+           "OODLAB_WORKERS": "0", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / name
+    cmd = [*launcher, str(driver), "bench", "--suite", "tiny", "--model", str(ckpt), "--detectors", DETECTORS,
+           "--out", str(out), "--device", "cpu", "--batch-size", "8"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_two_rank_bench_equals_one_process(tmp_path):
+    from oodlab.models import build, save_checkpoint
+
+    torch.manual_seed(0)
+    meta = {"arch": "smallcnn", "num_classes": 3, "in_channels": 1, "suite": "tiny"}
+    ckpt = save_checkpoint(build("smallcnn", 3, 1).eval(), tmp_path / "model", meta)
+    one = _bench(tmp_path, "one", ckpt, [sys.executable])
+    two = _bench(tmp_path, "two", ckpt, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc-per-node", "2"])
+    strip = lambda rows: sorted((json.dumps({k: v for k, v in r.items() if k not in VOLATILE}, sort_keys=True)  # noqa: E731
+                                 for r in rows))
+    rows_one, rows_two = load_rows(one), load_rows(two)
+    assert len(rows_one) == 6 * 2 and strip(rows_one) == strip(rows_two)
+    for r in rows_one:
+        a, b = load_scores(one, r["key"]), load_scores(two, r["key"])
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    # the ranks split the shards: 90 training items = 6 shards of 16 (the last of 10), 3 per rank
+    (train_entry,) = (tmp_path / "cache-two" / "features").glob("tiny-train-*")
+    assert len(list(train_entry.glob("shard-*.json"))) == 6
