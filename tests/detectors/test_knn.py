@@ -62,3 +62,22 @@ def test_missing_neighbours_fail_loudly(monkeypatch):
     monkeypatch.setattr(knn_module.faiss, "IndexFlatL2", LossyIndex)
     with pytest.raises(RuntimeError, match="id -1"):
         fitted(2).score(feats(QUERY))
+
+
+def test_a_bank_larger_than_free_memory_is_refused_with_its_size(monkeypatch):
+    monkeypatch.setattr(knn_module, "available_memory", lambda: 39)  # bytes: the 4 x 2 float32 bank needs 32 > 80% of 39
+    with pytest.raises(MemoryError, match=r"bank of 4 x 2 float32 features needs 0\.0 GiB"):
+        fitted(1)
+    monkeypatch.setattr(knn_module, "available_memory", lambda: 41)
+    assert fitted(1).fitted
+
+
+def test_ivf_index_is_opt_in_and_marked_approximate(tiny):
+    exact = create("knn", k=5).fit(tiny.train, tiny.model.head)
+    ivf = create("knn", k=5, index="ivf", nprobe=1000).fit(tiny.train, tiny.model.head)
+    assert not exact.approximate and ivf.approximate and "approximate" in ivf.export_refusal
+    # every cell probed: the IVF search is exhaustive, so it finds the exact neighbours
+    assert torch.allclose(ivf.score(tiny.test), exact.score(tiny.test), atol=1e-5)
+    few = create("knn", k=250, index="ivf", nprobe=1).fit(tiny.train, tiny.model.head)
+    with pytest.raises(RuntimeError, match="id -1.*raise nprobe"):  # one small cell cannot hold 250 neighbours
+        few.score(tiny.test)
