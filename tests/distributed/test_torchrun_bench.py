@@ -17,28 +17,38 @@ from oodlab.bench import load_rows, load_scores
 
 TESTS = Path(__file__).resolve().parents[1]
 DRIVER = """
-import sys
+import os, sys
 sys.path.insert(0, {tests!r})
 from helpers import make_tiny_suite
 from oodlab.cli import main
 from oodlab.data import suites
+from oodlab.features import extraction
 suites.SUITES["tiny"] = lambda data_root=None: make_tiny_suite(n_train=90, n_test=45)
+if os.environ.get("RANK") == os.environ.get("DIE_ON_RANK"):  # test hook: this rank dies in its second shard
+    real, calls = extraction.extract, []
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os._exit(3)
+        return real(*a, **k)
+    extraction.extract = dying
 sys.exit(main())
 """
 DETECTORS = "energy,react,mahalanobis,vim,knn,odin"
 VOLATILE = ("fit_s", "score_s")
 
 
-def _bench(tmp_path: Path, name: str, ckpt: Path, launcher: list[str]) -> list[dict]:
+def _bench(tmp_path: Path, name: str, ckpt: Path, launcher: list[str], die_on_rank: str = "",
+           expect: int = 0) -> Path:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(tests=str(TESTS)))
     env = {**subprocess_env(), "OODLAB_CACHE": str(tmp_path / f"cache-{name}"), "OODLAB_SHARD_ITEMS": "16",
-           "OODLAB_WORKERS": "0", "OMP_NUM_THREADS": "1"}
+           "OODLAB_WORKERS": "0", "OMP_NUM_THREADS": "1", "DIE_ON_RANK": die_on_rank}
     out = tmp_path / name
     cmd = [*launcher, str(driver), "bench", "--suite", "tiny", "--model", str(ckpt), "--detectors", DETECTORS,
            "--out", str(out), "--device", "cpu", "--batch-size", "8"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.returncode == 0) == (expect == 0), proc.stderr[-3000:]
     return out
 
 
@@ -61,3 +71,20 @@ def test_two_rank_bench_equals_one_process(tmp_path):
     # the ranks split the shards: 90 training items = 6 shards of 16 (the last of 10), 3 per rank
     (train_entry,) = (tmp_path / "cache-two" / "features").glob("tiny-train-*")
     assert len(list(train_entry.glob("shard-*.json"))) == 6
+
+
+def test_a_rank_that_dies_fails_the_run_and_a_rerun_resumes(tmp_path):
+    from oodlab.models import build, save_checkpoint
+
+    torch.manual_seed(0)
+    meta = {"arch": "smallcnn", "num_classes": 3, "in_channels": 1, "suite": "tiny"}
+    ckpt = save_checkpoint(build("smallcnn", 3, 1).eval(), tmp_path / "model", meta)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    _bench(tmp_path, "two", ckpt, torchrun, die_on_rank="1", expect=1)  # torchrun stops rank 0 too: no rows
+    assert not (tmp_path / "two" / "results.jsonl").exists()
+    kept = list((tmp_path / "cache-two" / "features").glob("*/shard-*.json"))
+    assert kept  # the shards finished before the failure stay
+    before = {p: p.stat().st_mtime_ns for p in kept}
+    out = _bench(tmp_path, "two", ckpt, torchrun)
+    assert len(load_rows(out)) == 6 * 2
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # resumed: finished shards not rewritten
