@@ -62,7 +62,8 @@ def test_paper_defaults():
                 "vim": {"dim": None}, "scale": {"percentile": 85.0}, "gen": {"gamma": 0.1, "M": 100},
                 "rmds": {"normalize": False}, "gradnorm": {"temperature": 1.0}, "nnguide": {"k": 100, "fraction": 0.01},
                 "fdbd": {"distance_as_normalizer": True}, "residual": {"dim": None}, "she": {}, "nci": {"alpha": 1e-4},
-                "klm": {"nearest": True}, "temp-scaling": {"temperature": None}}
+                "klm": {"nearest": True}, "temp-scaling": {"temperature": None},
+                "vra": {"low": 60.0, "high": 90.0, "gamma": 0.0, "per_dimension": True, "zero_below": True}}
     for name, config in defaults.items():
         assert create(name).config() == config, name
     assert {n for n in available() if REGISTRY[n].fits_on == "val"} == {"klm", "temp-scaling"}
