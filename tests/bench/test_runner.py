@@ -67,7 +67,8 @@ def test_resume_skips_finished_detectors(trained, tmp_path):
 @pytest.mark.parametrize("names,extracted", [(["energy"], {"tiny-test", "noise", "stripes"}),
                                              (["odin"], {"tiny-test"}),
                                              (["odin", "knn"], {"tiny-train", "tiny-test", "noise", "stripes"}),
-                                             (["klm", "temp-scaling"], {"tiny-train-held-out", "tiny-test", "noise", "stripes"})])
+                                             (["klm", "temp-scaling"], {"tiny-train-held-out", "tiny-test", "noise", "stripes"}),
+                                             (["adascale-a"], {"tiny-test"})])
 def test_only_the_sets_a_detector_reads_are_extracted(trained, tmp_path, monkeypatch, names, extracted):
     suite, model, _ = trained
     import oodlab.features.extraction as features
