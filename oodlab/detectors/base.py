@@ -95,8 +95,7 @@ class Detector(ABC):
             _check_features(train, "training features")
             if head.in_features != train.dim:
                 raise ValueError(f"head expects {head.in_features}-d features but z is {train.dim}-d")
-        self.state = {"weight": head.weight.detach().float().cpu().clone(),
-                      "bias": (head.bias.detach() if head.bias is not None else torch.zeros(head.out_features)).float().cpu().clone()}
+        self.state = _head_state(head)
         if train is not None:
             self._fit(train)
         return self
@@ -202,6 +201,12 @@ class Detector(ABC):
             raise NotFittedError(f"{self.name} is not fitted: call fit(train_features, head) first")
 
 
+def _head_state(head: nn.Linear) -> dict[str, Tensor]:
+    """The head's weight and bias (zeros without one) as float32 CPU copies: every fitted state starts with them."""
+    return {"weight": head.weight.detach().float().cpu().clone(),
+            "bias": (head.bias.detach() if head.bias is not None else torch.zeros(head.out_features)).float().cpu().clone()}
+
+
 def _check_features(feats: FeatureSource, what: str) -> None:
     if len(feats) == 0:
         raise ValueError(f"{what} are empty")
@@ -278,9 +283,7 @@ def fit_with_model(detector: Detector, model: Classifier, data: ImageSet, batch_
     if len(data) == 0:
         raise ValueError(f"{data.name} is empty: {detector.name} needs ID images to fit on")
     data = detector.images_to_fit(data)
-    head = model.head
-    detector.state = {"weight": head.weight.detach().float().cpu().clone(),
-                      "bias": (head.bias.detach() if head.bias is not None else torch.zeros(head.out_features)).float().cpu().clone()}
+    detector.state = _head_state(model.head)
     device = torch.device(device) if device is not None else default_device()
     fast = model.for_inference().to(device)
     detector.fit_inputs(fast, (inference_input(x, device) for x, _ in
