@@ -24,6 +24,9 @@ def test_list(capsys):
     for name in ("ash-p", "ash-b", "ash-s"):  # where feature-map ASH shapes, since the official ablation differs
         line = next(row for row in out.splitlines() if row.strip().startswith(name + " "))
         assert "after its final ReLU (pytorch-ood's placement" in line and "official block-level ablation" in line
+    for name in ("klm", "temp-scaling", "adascale-a"):
+        line = next(row for row in out.splitlines() if row.strip().startswith(name + " "))
+        assert "fits on held-out ID data" in line
 
 
 def test_train_bench_fit_score(tiny_registered, tmp_path, capsys):
@@ -44,6 +47,10 @@ def test_train_bench_fit_score(tiny_registered, tmp_path, capsys):
 
     det = tmp_path / "det"
     assert main(["fit", "energy", "--suite", "tiny", "--checkpoint", str(ckpt), "--out", str(det), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["fit", "temp-scaling", "--suite", "tiny", "--checkpoint", str(ckpt), "--out", str(tmp_path / "ts"),
+                 "--device", "cpu"]) == 0
+    assert "fits on held-out ID data: tiny-train-held-out (10 images)" in capsys.readouterr().err
     from PIL import Image
 
     imgs = tmp_path / "imgs"

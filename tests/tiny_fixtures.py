@@ -19,6 +19,7 @@ class Tiny:
     ood: Features
     test_set: ImageSet
     ood_set: ImageSet
+    train_set: ImageSet | None = None  # the images of ``train`` (model-path fits)
 
 
 def image_set(name: str, n: int, seed: int, num_classes: int | None = 3, bright: bool = False) -> ImageSet:
@@ -42,7 +43,7 @@ def tiny() -> Tiny:
     train_set, test_set = image_set("train", 300, 1), image_set("test", 60, 2)
     ood_set = image_set("ood", 40, 3, num_classes=None, bright=True)
     get = lambda s: extract(model, s, batch_size=64, device="cpu")  # noqa: E731
-    return Tiny(model, get(train_set), get(test_set), get(ood_set), test_set, ood_set)
+    return Tiny(model, get(train_set), get(test_set), get(ood_set), test_set, ood_set, train_set)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,8 @@ them, so a sweep of N detectors costs one forward pass per data set, not N. Dete
 see the input (``needs = "model"``) go back to the model for the evaluation sets only. A data set
 no detector of the run reads is not extracted at all: the ID training set only when some detector
 fits on it (``needs_train``) and has not been fitted on it before, the OOD sets only when some
-detector scores features.
+detector scores features. Detectors with ``fits_on = "val"`` fit on the suite's held-out ID set
+(:meth:`Suite.held_out`) instead of ID train.
 
 Next to the feature cache, fitted detector states (keyed by model, training set and detector
 settings) and the per-sample scores of model-path detectors (keyed by model, data set and
@@ -37,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..data.suites import Suite
-from ..detectors.base import Detector, score_with_model
+from ..detectors.base import Detector, fit_data, fit_with_model, score_with_model
 from .. import distributed
 from ..features import FeatureCache, FeatureSource
 from ..metrics import bootstrap_ci, evaluate
@@ -108,7 +109,9 @@ def _cached(ctx: BenchContext, kind: str, *parts: str) -> Path:
 
 
 def _fit_path(ctx: BenchContext, det: Detector) -> Path:
-    return _cached(ctx, "detectors", ctx.suite.id_train.fingerprint, detector_key(det)).with_suffix(".safetensors")
+    data = fit_data(det, ctx.suite)  # ID train, or the held-out ID set for fits_on = "val"
+    return _cached(ctx, "detectors", data.fingerprint if data is not None else "-",
+                   detector_key(det)).with_suffix(".safetensors")
 
 
 def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -190,14 +193,36 @@ def run_detectors(ctx: BenchContext, detectors: list[Detector]) -> list[dict[str
     todo = [d for d in detectors if not set(ctx.suite.ood) <= have.get((detector_key(d), ctx.model_id), set())]
     if todo:
         cached = {id(d) for d in todo if _load_fit(ctx, d)}
-        train, test, oods = ctx.features(train=any(d.needs_train and id(d) not in cached for d in todo),
+        train, test, oods = ctx.features(train=any(_reads(d, "train") and id(d) not in cached for d in todo),
                                          ood=any(d.needs == "features" for d in todo))
+        held = _held_out_features(ctx, [d for d in todo if id(d) not in cached])
         if not distributed.is_main():
             return []
         for det in progress(todo, desc="detectors", unit="detector", leave=True):
-            _run_one(ctx, det, train, test, oods, id(det) in cached)
+            _run_one(ctx, det, held if det.fits_on == "val" else train, test, oods, id(det) in cached)
     keys = {detector_key(d) for d in detectors}
     return [r for r in load_rows(out) if r["key"] in keys and r["model_id"] == ctx.model_id]
+
+
+def _reads(det: Detector, which: str) -> bool:
+    """Whether fitting ``det`` reads the cached features of ``which`` ("train": ID train, "val": the held-out ID set)."""
+    return det.needs == "features" and det.needs_train and det.fits_on == which
+
+
+def _held_out_features(ctx: BenchContext, detectors: list[Detector]) -> FeatureSource | None:
+    """Features of the suite's held-out ID set (:meth:`Suite.held_out`) when a feature-path detector fits on
+    it (``fits_on = "val"``); every rank takes part in the extraction, as for the other sets."""
+    if not any(_reads(d, "val") for d in detectors):
+        return None
+    return ctx.cache.get(ctx.model, ctx.model_id, ctx.suite.held_out(), ctx.batch_size, ctx.device, lazy=True)
+
+
+def _fit(ctx: BenchContext, det: Detector, train: FeatureSource | None) -> None:
+    """Fit ``det`` on ``train`` (the features it reads, see :func:`_reads`), or through the model on its images."""
+    if det.needs == "model" and det.needs_train:
+        fit_with_model(det, ctx.model, fit_data(det, ctx.suite), min(ctx.batch_size, 256), ctx.device)
+    else:
+        det.fit(train if det.needs_train else None, ctx.model.head)
 
 
 def _run_one(ctx: BenchContext, det: Detector, train: FeatureSource | None, test: FeatureSource,
@@ -205,7 +230,7 @@ def _run_one(ctx: BenchContext, det: Detector, train: FeatureSource | None, test
     key = detector_key(det)
     t0 = time.perf_counter()
     if not fit_cached:
-        det.fit(train if det.needs_train else None, ctx.model.head)
+        _fit(ctx, det, train)
         if det.needs_train:
             _save_fit(ctx, det)
     fit_s = time.perf_counter() - t0

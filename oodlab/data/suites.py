@@ -7,6 +7,7 @@ Places365) are read from ``<data_root>/<name>`` or ``<data_root>/images_classic/
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,22 @@ class Suite:
         if self.id_val is not None:
             return self.id_val, self.id_test
         return self.id_test.split(len(self.id_test) // 2, seed)
+
+    def held_out(self, fraction: float = 0.1, seed: int = 0) -> ImageSet:
+        """Held-out ID data for detectors that fit on validation data (``fits_on = "val"``).
+
+        ``id_val`` where the suite has it (as OpenOOD's ``id_loader_dict['val']``). A suite without one
+        gets a seeded random ``fraction`` of ``id_train`` instead: a deviation, since the model was
+        trained on those images (a temperature fitted there, for instance, comes out lower than on
+        unseen data), but it keeps ``id_test`` for evaluation alone. The other detectors still fit on
+        all of ``id_train``.
+        """
+        if self.id_val is not None:
+            return self.id_val
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        n = max(1, round(fraction * len(self.id_train)))
+        return dataclasses.replace(self.id_train.subset(n, seed), name=f"{self.id_train.name}-held-out")
 
 
 SUITES: dict[str, Callable[..., Suite]] = {}

@@ -6,11 +6,12 @@ Every module in this package is imported here, so a new method needs only its ow
 import importlib
 import pkgutil
 
-from .base import REGISTRY, Detector, ExportError, NotFittedError, available, create, energy, load_detector, register, score_with_model
+from .base import (REGISTRY, Detector, ExportError, NotFittedError, available, create, energy, fit_data, fit_detector,
+                   fit_with_model, load_detector, register, score_with_model)
 
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base":
         importlib.import_module(f"{__name__}.{_mod.name}")
 
-__all__ = ["REGISTRY", "Detector", "ExportError", "NotFittedError", "available", "create", "energy", "load_detector", "register",
-           "score_with_model"]
+__all__ = ["REGISTRY", "Detector", "ExportError", "NotFittedError", "available", "create", "energy", "fit_data", "fit_detector",
+           "fit_with_model", "load_detector", "register", "score_with_model"]

@@ -11,6 +11,14 @@ Most detectors read only cached :class:`~oodlab.features.Features` and the head 
 A detector that learns nothing from ID training features beyond the head says so with
 ``needs_train = False``; the runner then never extracts the training set for it.
 
+Where a method fits on held-out ID data (KL-Matching, temperature scaling, AdaSCALE: the papers and
+OpenOOD use the ID validation set), the detector says ``fits_on = "val"``: :meth:`Detector.fit` then
+receives the features of :meth:`Suite.held_out <oodlab.data.suites.Suite.held_out>` (the suite's ID
+validation set, or a seeded 10% of ID train where it has none) instead of ID train.
+:func:`fit_data` names the images a detector fits on and :func:`fit_detector` fits it from a suite, for
+every command alike. A model-path detector that learns from ID images (``needs = "model"`` with
+``needs_train``) implements :meth:`Detector.fit_inputs` and is fitted by :func:`fit_with_model`.
+
 Feature-path detectors whose score is plain tensor arithmetic implement
 :meth:`Detector.tensor_score` (one batch of ``z`` and logits in, scores out, no Python branching on
 the data): :meth:`Detector.score` runs it chunk by chunk, and a guard exports it into one ONNX /
@@ -22,8 +30,9 @@ from __future__ import annotations
 import inspect
 import json
 from abc import ABC
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from typing_extensions import Self
 
@@ -33,12 +42,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..data.base import ImageSet, batches
-from ..features import Features, FeatureSource, StoredFeatures, chunk_rows
+from ..features import FeatureCache, Features, FeatureSource, StoredFeatures, chunk_rows
 from ..models.adapter import Classifier, inference_input
 from ..runtime import atomic_path, atomic_write_text, default_device, progress
 
+if TYPE_CHECKING:
+    from ..data.suites import Suite
+
 __all__ = ["Detector", "NotFittedError", "ExportError", "REGISTRY", "register", "create", "available", "load_detector",
-           "score_with_model", "energy"]
+           "score_with_model", "fit_with_model", "fit_data", "fit_detector", "energy"]
 
 
 class NotFittedError(RuntimeError):
@@ -60,6 +72,7 @@ class Detector(ABC):
     name: ClassVar[str]
     needs: ClassVar[str] = "features"
     needs_train: ClassVar[bool] = True  # False: fit reads only the head, so no training features are needed
+    fits_on: ClassVar[str] = "train"  # "val": fit reads held-out ID data (Suite.held_out), not ID train
     score_chunk: ClassVar[int] = 65536  # rows per call of tensor_score in score(): bounds memory, not results
     notes: ClassVar[str] = ""  # what a user must know about a variant or placement (shown by `oodlab list`)
 
@@ -71,7 +84,10 @@ class Detector(ABC):
         """Learn ID statistics from ``train`` (ID training features, in memory or
         :class:`~oodlab.features.StoredFeatures` on disk: fits read them chunk by chunk) and the
         classifier's ``head``. ``train`` may be None for detectors with ``needs_train = False``.
+        For ``fits_on = "val"`` detectors ``train`` is held-out ID data (see :func:`fit_data`).
         """
+        if self.needs == "model" and self.needs_train:
+            raise TypeError(f"{self.name} learns from ID images through the model: use fit_with_model(detector, model, data)")
         if not isinstance(head, nn.Linear):
             raise ValueError(f"head must be the classifier's nn.Linear (model.head), got {type(head).__name__}")
         if not torch.isfinite(head.weight).all() or (head.bias is not None and not torch.isfinite(head.bias).all()):
@@ -85,8 +101,7 @@ class Detector(ABC):
             _check_features(train, "training features")
             if head.in_features != train.dim:
                 raise ValueError(f"head expects {head.in_features}-d features but z is {train.dim}-d")
-        self.state = {"weight": head.weight.detach().float().cpu().clone(),
-                      "bias": (head.bias.detach() if head.bias is not None else torch.zeros(head.out_features)).float().cpu().clone()}
+        self.state = _head_state(head)
         if train is not None:
             self._fit(train)
         return self
@@ -126,6 +141,15 @@ class Detector(ABC):
     def score_inputs(self, model: Classifier, x: Tensor) -> Tensor:
         """Scores for a batch of inputs ``x`` (only for ``needs = "model"`` detectors)."""
         raise TypeError(f"{self.name} scores cached features; call score(features)")
+
+    def images_to_fit(self, data: ImageSet) -> ImageSet:
+        """The part of ``data`` that :func:`fit_with_model` shows :meth:`fit_inputs` (default: all of it)."""
+        return data
+
+    def fit_inputs(self, model: Classifier, batches: Iterable[Tensor]) -> None:
+        """Learn state from batches of ID inputs through ``model`` (only for model-path detectors with
+        ``needs_train``; :func:`fit_with_model` calls it after storing the head)."""
+        raise TypeError(f"{self.name} fits on features; call fit(features, head)")
 
     @property
     def approximate(self) -> bool:
@@ -183,6 +207,12 @@ class Detector(ABC):
     def _check_fitted(self) -> None:
         if not self.fitted:
             raise NotFittedError(f"{self.name} is not fitted: call fit(train_features, head) first")
+
+
+def _head_state(head: nn.Linear) -> dict[str, Tensor]:
+    """The head's weight and bias (zeros without one) as float32 CPU copies: every fitted state starts with them."""
+    return {"weight": head.weight.detach().float().cpu().clone(),
+            "bias": (head.bias.detach() if head.bias is not None else torch.zeros(head.out_features)).float().cpu().clone()}
 
 
 def _check_features(feats: FeatureSource, what: str) -> None:
@@ -258,3 +288,48 @@ def score_with_model(detector: Detector, model: Classifier, data: ImageSet, batc
            for x, _ in progress(batches(data, batch_size), desc=f"{detector.name} {data.name}",
                                 total=(len(data) + batch_size - 1) // batch_size, unit="batch")]
     return torch.cat(out)
+
+
+def fit_with_model(detector: Detector, model: Classifier, data: ImageSet, batch_size: int = 256,
+                   device: torch.device | str | None = None) -> Detector:
+    """Fit a model-path detector that learns from ID images (``needs = "model"`` and ``needs_train``): the head
+    is stored as in :meth:`Detector.fit`, then :meth:`Detector.fit_inputs` sees ``data`` batch by batch on the
+    model's fast inference copy. Returns the detector."""
+    if not (detector.needs == "model" and detector.needs_train):
+        raise TypeError(f"{detector.name} does not learn from images through the model; call fit(features, head)")
+    if len(data) == 0:
+        raise ValueError(f"{data.name} is empty: {detector.name} needs ID images to fit on")
+    model.check_input(data)
+    data = detector.images_to_fit(data)
+    detector.state = _head_state(model.head)
+    device = torch.device(device) if device is not None else default_device()
+    fast = model.for_inference().to(device)
+    detector.fit_inputs(fast, (inference_input(x, device) for x, _ in
+                               progress(batches(data, batch_size), desc=f"fit {detector.name} {data.name}",
+                                        total=(len(data) + batch_size - 1) // batch_size, unit="batch")))
+    return detector
+
+
+def fit_data(detector: Detector, suite: Suite) -> ImageSet | None:
+    """The ID images ``detector`` fits on: None (it reads only the head), ``suite.id_train``, or for
+    ``fits_on = "val"`` the suite's held-out ID data (:meth:`Suite.held_out`)."""
+    if not detector.needs_train:
+        return None
+    if detector.fits_on == "val":
+        return suite.held_out()
+    if detector.fits_on != "train":
+        raise ValueError(f"{detector.name}: fits_on must be 'train' or 'val', got {detector.fits_on!r}")
+    return suite.id_train
+
+
+def fit_detector(detector: Detector, model: Classifier, model_id: str, suite: Suite, cache: FeatureCache | None = None,
+                 batch_size: int = 512, device: torch.device | str | None = None) -> Detector:
+    """Fit ``detector`` for ``model`` on what it reads from ``suite`` (:func:`fit_data`): features from the
+    (on-disk, streamed) ``cache``, or images through the model for model-path fits. Returns the detector."""
+    data = fit_data(detector, suite)
+    if data is None:
+        return detector.fit(None, model.head)
+    if detector.needs == "model":
+        return fit_with_model(detector, model, data, min(batch_size, 256), device)
+    feats = (cache or FeatureCache()).get(model, model_id, data, batch_size, device, lazy=True)
+    return detector.fit(feats, model.head)

@@ -66,7 +66,9 @@ def test_resume_skips_finished_detectors(trained, tmp_path):
 
 @pytest.mark.parametrize("names,extracted", [(["energy"], {"tiny-test", "noise", "stripes"}),
                                              (["odin"], {"tiny-test"}),
-                                             (["odin", "knn"], {"tiny-train", "tiny-test", "noise", "stripes"})])
+                                             (["odin", "knn"], {"tiny-train", "tiny-test", "noise", "stripes"}),
+                                             (["klm", "temp-scaling"], {"tiny-train-held-out", "tiny-test", "noise", "stripes"}),
+                                             (["adascale-a"], {"tiny-test"})])
 def test_only_the_sets_a_detector_reads_are_extracted(trained, tmp_path, monkeypatch, names, extracted):
     suite, model, _ = trained
     import oodlab.features.extraction as features
@@ -145,3 +147,25 @@ def test_checkpoint_class_mismatch(trained, tmp_path):
                                                                          "in_channels": 1})
     with pytest.raises(ValueError, match="5 classes"):
         run_bench(suite, "msp", other, tmp_path / "x", device="cpu", verbose=False)
+
+
+def test_held_out_fits_use_the_suites_validation_set(trained, tmp_path):
+    """fits_on = "val": fitted on Suite.held_out (a seeded 10% of ID train here, id_val where the suite has one)."""
+    import dataclasses
+
+    from oodlab.detectors import fit_data, fit_detector
+
+    suite, model, _ = trained
+    held = suite.held_out()
+    assert held.name == "tiny-train-held-out" and len(held) == round(0.1 * len(suite.id_train))
+    assert held.fingerprint == suite.held_out().fingerprint != suite.id_train.fingerprint  # seeded
+    cache = FeatureCache(tmp_path / "c")
+    ctx = BenchContext(suite, model, "m", tmp_path / "out", cache, device="cpu")
+    rows = run_detectors(ctx, [create("temp-scaling"), create("knn", k=3)])
+    want = fit_detector(create("temp-scaling"), model, "m", suite, cache, device="cpu")
+    assert want.fitted_temperature == create("temp-scaling").fit(cache.get(model, "m", held), model.head).fitted_temperature
+    key = next(r["key"] for r in rows if r["detector"] == "temp-scaling")
+    assert np.array_equal(load_scores(tmp_path / "out", key)["id"], want.score(cache.get(model, "m", suite.id_test)).numpy())
+    with_val = dataclasses.replace(suite, id_val=suite.id_test)
+    assert fit_data(create("klm"), with_val) is suite.id_test and fit_data(create("knn"), with_val) is suite.id_train
+    assert fit_data(create("energy"), with_val) is None

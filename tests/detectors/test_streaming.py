@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from oodlab.detectors import REGISTRY, available, create
+from oodlab.detectors import stats
 from oodlab.detectors.stats import percentile
 from oodlab.features import Features, StoredFeatures, core
 from oodlab.features.store import write_features
@@ -77,3 +78,21 @@ def test_streaming_percentile_equals_numpy(cap, monkeypatch):
         f = Features(torch.from_numpy(z), torch.zeros(len(z), 2))
         for q in (0, 0.5, 10, 50, 85, 90, 99.9, 100, float(rng.uniform(0, 100))):
             assert percentile(f, q, cap=cap) == np.percentile(z.astype(np.float64), q), (trial, q)
+
+
+@pytest.mark.parametrize("cap", [1 << 22, 5])
+def test_column_percentiles_equal_numpy_per_column(cap, monkeypatch, tmp_path):
+    monkeypatch.setattr(core, "CHUNK_BYTES", 8 * 7 * 23)
+    monkeypatch.setattr(stats, "CELLS", 64)  # a few bins per target, row blocks of a few rows
+    rng = np.random.default_rng(1)
+    for trial in range(8):
+        z = rng.normal(size=(int(rng.integers(1, 300)), 7)).astype(np.float32)
+        z = np.maximum(z, 0) if trial % 2 else z
+        z = z.round(1) if trial % 3 == 0 else z
+        z[:, 2] = 0.25  # a constant column
+        qs = [0, 1, 10, 60, 90, 99, 100, float(rng.uniform(0, 100))]
+        f = Features(torch.from_numpy(z), torch.zeros(len(z), 2))
+        want = np.percentile(z.astype(np.float64), qs, axis=0)
+        assert np.array_equal(stats.column_percentiles(f, qs, cap=cap).numpy(), want), trial
+    disk = stored(f, tmp_path / "z", 11)
+    assert np.array_equal(stats.column_percentiles(disk, qs, cap=cap).numpy(), want)

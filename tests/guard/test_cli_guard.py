@@ -67,3 +67,18 @@ def test_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert "odin cannot be exported: it must see the input image" in capsys.readouterr().err
     assert main(["guard", "check", str(tmp_path / "missing"), str(tmp_path), "--out", str(tmp_path / "f.csv")]) == 2
     assert "is not a guard folder" in capsys.readouterr().err
+
+
+def test_detectors_fitted_on_id_val_are_calibrated_on_other_id_data(checkpoint, monkeypatch):
+    """KL-Matching fits on the suite's ID validation set, so its guard calibrates on half of ID test instead."""
+    import dataclasses
+
+    from oodlab.guard.build import build_guard
+
+    base = make_tiny_suite()
+    val = make_tiny_suite(n_train=30, seed=5).id_train
+    monkeypatch.setitem(suites.SUITES, "tiny-val", lambda data_root=None: dataclasses.replace(base, id_val=val))
+    klm = build_guard("klm", "tiny-val", checkpoint, alpha=0.1, device="cpu")
+    energy = build_guard("energy", "tiny-val", checkpoint, alpha=0.1, device="cpu")
+    assert klm.calibration_source.startswith("tiny-test (24 images")
+    assert energy.calibration_source.startswith("tiny-train (30")  # the validation set itself

@@ -15,6 +15,7 @@ from helpers import make_tiny_suite
 from tiny_fixtures import image_set, tiny_classifier
 from oodlab.bench import BenchContext, load_rows, load_scores, run_detectors
 from oodlab.data.base import ArrayDataset, ImageSet, tensor_fingerprint
+from oodlab.detectors.base import fit_with_model
 from oodlab.detectors import REGISTRY, available, create, load_detector, score_with_model
 from oodlab.features import FeatureCache, Features, extract
 from oodlab.metrics import evaluate
@@ -23,6 +24,8 @@ from oodlab.models.loaders import load_model
 
 FEATURE_PATH = [n for n in available() if REGISTRY[n].needs == "features"]
 MODEL_PATH = [n for n in available() if REGISTRY[n].needs == "model"]
+# fit(features, head): every detector but those that learn from images through the model (fit_with_model)
+FITS_FEATURES = [n for n in available() if not (REGISTRY[n].needs == "model" and REGISTRY[n].needs_train)]
 INF_ALLOWED = {("react", "threshold"), ("dice-react", "threshold")}  # float("inf"): no clipping
 VOLATILE = ("fit_s", "score_s", "fit_cached")  # timings, and whether the fit came from the cache
 
@@ -128,14 +131,14 @@ def _with(feats: Features, what: str) -> Features:
 
 @pytest.mark.parametrize("what,needle", [("nan-z", "contain NaN or inf"), ("inf-logits", "contain NaN or inf"),
                                          ("empty", "are empty (0 samples)")])
-@pytest.mark.parametrize("name", available())
+@pytest.mark.parametrize("name", FITS_FEATURES)
 def test_fit_refuses_bad_training_features(name, what, needle, tiny):
     with pytest.raises(ValueError) as exc:
         create(name).fit(_with(tiny.train, what), tiny.model.head)
     one_line(exc, "training features", needle)
 
 
-@pytest.mark.parametrize("name", available())
+@pytest.mark.parametrize("name", FITS_FEATURES)
 def test_fit_refuses_a_head_that_is_not_linear_or_not_finite(name, tiny):
     with pytest.raises(ValueError) as exc:
         create(name).fit(tiny.train, nn.Sequential(tiny.model.head))
@@ -157,7 +160,9 @@ def fitted(tiny):
 
     def get(name: str):
         if name not in cache:
-            cache[name] = create(name).fit(tiny.train, tiny.model.head)
+            det = create(name)
+            cache[name] = (fit_with_model(det, tiny.model, tiny.test_set, device="cpu") if name not in FITS_FEATURES
+                           else det.fit(tiny.train, tiny.model.head))
         return cache[name]
 
     return get
