@@ -290,7 +290,7 @@ def cli_cases(lab: Lab) -> list[Case]:
     bench = lambda o: ["bench", "--suite", str(lab.suite), "--model", str(lab.ckpt), "--detectors",  # noqa: E731
                        "energy,knn", "--param", "knn.k=5", "--device", "cpu", "--out", str(d / o)]
     assert _cli(bench("first"))[1] == 0
-    test_features = [f for f in (d / "cache").rglob("id-test*") if f.suffix != ".json"]
+    test_features = [f for f in (d / "cache").rglob("id-test*/shard-*.safetensors")]
     fitted = list((d / "cache" / "detectors").iterdir())
     for entry in [*test_features, *fitted]:
         raw = bytearray(entry.read_bytes())
