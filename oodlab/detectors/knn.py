@@ -35,7 +35,8 @@ class KNN(Detector):
     """``-||z' - z'_(k)||``: minus the Euclidean distance to the k-th nearest normalised ID-train feature.
 
     k = 50 is the paper's CIFAR-10 setting (it uses k = 1000 with ``fraction = 0.01`` of ImageNet
-    train). Search is exact by default (faiss ``IndexFlatL2``, on the GPU when faiss-gpu and CUDA are
+    train). Search is exact by default (faiss' brute-force ``knn`` on the bank, the ``IndexFlatL2``
+    search without a second copy of the bank; an ``IndexFlatL2`` on the GPU when faiss-gpu and CUDA are
     there); ``index="ivf"`` opts into faiss' approximate ``IndexIVFFlat`` (``nlist`` ~ 4 sqrt(N)
     cells, ``nprobe`` of them searched), which the bench marks as approximate. The official code
     scores with faiss' squared distance; we take its square root, which changes no ranking and so
@@ -75,7 +76,10 @@ class KNN(Detector):
             raise MemoryError(f"knn's bank of {n:,} x {train.dim} float32 features needs {need / 2**30:.1f} GiB but "
                               f"{free / 2**30:.1f} GiB are free; use fraction=0.01 (the paper's ImageNet setting)")
         if self.fraction == 1:
-            bank = torch.cat([l2_normalise(c.z) for c in train.chunks()])
+            bank, i = torch.empty(n, train.dim), 0  # filled chunk by chunk: one copy of the bank, never two
+            for c in train.chunks():
+                bank[i:i + len(c)] = l2_normalise(c.z)
+                i += len(c)
         else:
             idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n].sort().values
             bank = l2_normalise(train.take(idx).z)
@@ -87,11 +91,14 @@ class KNN(Detector):
         self._faiss = None
         return self
 
-    def _search_index(self) -> faiss.Index:
-        """The faiss index over the bank, built once per fit or load."""
+    def _search_index(self) -> faiss.Index | None:
+        """The faiss index over the bank, built once per fit or load; None for the exact search on the CPU,
+        which runs faiss' brute-force ``knn`` on the bank itself (an index would hold a second copy)."""
         if self._faiss is None:
             bank = np.ascontiguousarray(self.state["bank"].numpy())
             if self.index == "flat":
+                if not (torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources")):
+                    return None
                 index = faiss.IndexFlatL2(bank.shape[1])
             else:
                 nlist = max(1, min(len(bank) // 39, int(4 * np.sqrt(len(bank)))))
@@ -111,12 +118,15 @@ class KNN(Detector):
 
     def _score(self, feats: FeatureSource) -> Tensor:
         index = self._search_index()
+        bank = np.ascontiguousarray(self.state["bank"].numpy()) if index is None else None
         out = []
         for chunk in feats.chunks():
-            dist, ids = index.search(np.ascontiguousarray(l2_normalise(chunk.z).numpy()), self.k)
+            q = np.ascontiguousarray(l2_normalise(chunk.z).numpy())
+            dist, ids = faiss.knn(q, bank, self.k) if index is None else index.search(q, self.k)
             if (ids[:, -1] < 0).any():
                 raise RuntimeError(f"faiss found fewer than k={self.k} neighbours (id -1) for "
-                                   f"{int((ids[:, -1] < 0).sum())} samples; the index holds {index.ntotal} vectors"
+                                   f"{int((ids[:, -1] < 0).sum())} samples; the bank holds {len(self.state['bank'])} "
+                                   "vectors"
                                    + (f"; raise nprobe (now {self.nprobe})" if self.approximate else ""))
             out.append(torch.from_numpy(dist[:, -1].astype(np.float64)).clamp(min=0).sqrt())
         return -torch.cat(out)

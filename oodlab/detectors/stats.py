@@ -88,6 +88,7 @@ def mean_features(source: FeatureSource) -> Tensor:
 # -- exact streaming percentile -------------------------------------------------------------------
 BINS = 1 << 16
 CAP = 1 << 22
+PIECE = 1 << 23  # values a pass handles at a time: 64 MiB in float64, above glibc's mmap threshold, so freed at once
 
 
 def _lerp_numpy(n: int, q: float) -> tuple[int, int, float]:
@@ -126,9 +127,11 @@ def percentile(source: FeatureSource, q: float, values: Callable[[Features], Ten
     if not 0 <= q <= 100:
         raise ValueError(f"percentile must be in [0, 100], got {q}")
 
-    def passes() -> Iterator[Tensor]:
+    def passes() -> Iterator[Tensor]:  # pieces of at most PIECE values: the temporaries stay small
         for chunk in source.chunks():
-            yield values(chunk).reshape(-1).double()
+            v = values(chunk).reshape(-1)
+            for i in range(0, len(v), PIECE):
+                yield v[i:i + PIECE].double()
 
     n, vmin, vmax = 0, math.inf, -math.inf
     for v in passes():
