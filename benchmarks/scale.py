@@ -369,6 +369,18 @@ def _run(spec: dict, args) -> dict:
     return {**result, "watched_peak": top, "wall": wall}
 
 
+def _commit() -> str | None:
+    """The checkout's commit, marked when oodlab/ has uncommitted changes; None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "oodlab"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + (" with uncommitted changes in oodlab/" if dirty else "")
+
+
 def _gb(x) -> str:
     return f"{x / GB:.2f}" if x is not None else "-"
 
@@ -412,7 +424,7 @@ def main() -> None:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="oodlab-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
     base = {"workdir": str(workdir), "threads": args.threads}
-    started = time.monotonic()
+    started, commit = time.monotonic(), _commit()
     try:
         if args.reuse:
             gen = json.loads((workdir / "generation.json").read_text())
@@ -463,7 +475,7 @@ def main() -> None:
         if not args.keep and not args.reuse:
             shutil.rmtree(workdir, ignore_errors=True)
     total = time.monotonic() - started
-    body = _report(args, gen, runs, total)
+    body = _report(args, gen, runs, total, commit)
     print(body)
     command = (f"OMP_NUM_THREADS={args.threads} python benchmarks/scale.py --train-rows {args.train_rows} "
                f"--eval-rows {args.eval_rows} --dim {args.dim} --classes {args.classes} --threads {args.threads}"
@@ -476,7 +488,7 @@ def main() -> None:
         write_section("scale", "Scale: fits at ImageNet size from the sharded cache", command, body)
 
 
-def _report(args, gen: dict, runs: dict, total: float) -> str:
+def _report(args, gen: dict, runs: dict, total: float, commit: str | None) -> str:
     tr, ev = gen["train"], gen["eval"]
     full = args.train_rows == 1_281_167 and args.dim == 2048 and args.classes == 1000
     rows, details, verdicts = [], [], []
@@ -514,7 +526,7 @@ def _report(args, gen: dict, runs: dict, total: float) -> str:
                            f"{_gb(o['baseline'])} | {_gb(o['fit_hwm'] - o['baseline'])} | {_gb(o['after_fit'] - o['baseline'])} | "
                            f"{_gb(score_above)} | {100 * o['auroc']:.1f} |")
         pod = run.get("pod")
-        if name == "flow" or args.no_pytorch_ood:
+        if name == "flow" or pod is None:
             pcells = ["-", "no flow-density detector in pytorch-ood 0.4" if name == "flow" else "not run"]
         elif name == "knn" and "pod_bank" in run:
             pb = run["pod_bank"]
@@ -547,7 +559,8 @@ def _report(args, gen: dict, runs: dict, total: float) -> str:
             f"{args.shard_rows:,} rows ({args.storage}, {(tr['bytes'] + ev['bytes']) / GB:.1f} GB on disk) in "
             f"{tr['seconds'] + ev['seconds']:.0f} s with a peak of {_gb(gen['peak'] - gen['baseline'])} GB above the "
             f"generating process's baseline. {args.threads} CPU threads{mem} ({platform.processor() or platform.machine()}); "
-            f"every detector in a fresh process; whole run {total / 60:.0f} min. GB = 10^9 bytes. Fit and score "
+            f"every detector in a fresh process; whole run {total / 60:.0f} min"
+            + (f"; oodlab at commit {commit}" if commit else "") + ". GB = 10^9 bytes. Fit and score "
             "seconds include reading the shards (partly from the page cache).\n\n"
             f"**Target: every oodlab fit at ImageNet size in <= {TARGET_GB:g} GB of peak resident memory on top of the "
             f"process's baseline** (the `peak above baseline` column: `ru_maxrss` after the fit minus the resident "
