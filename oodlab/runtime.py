@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import random
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 __all__ = ["default_device", "seed_everything", "cache_dir", "progress", "write_csv", "file_sha256", "atomic_path",
-           "atomic_write_text", "available_memory"]
+           "atomic_write_text", "available_memory", "release_free_heap"]
 
 
 def default_device() -> torch.device:
@@ -136,3 +138,25 @@ def available_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+_LIBC: Any = None
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    Tensors below glibc's adaptive mmap threshold (up to 32 MiB) live on the heap, and a loop that frees
+    and re-allocates them in varying sizes leaves free pages scattered through it that still count as
+    resident: a flow step at 2048 dimensions ratchets the resident size up by ~0.5 GB a step without it.
+    """
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(name) if name else None
+            _LIBC = libc if libc is not None and hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)

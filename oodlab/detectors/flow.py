@@ -66,7 +66,7 @@ from zuko.lazy import Flow, LazyTransform, UnconditionalDistribution
 from zuko.transforms import CouplingTransform
 
 from ..features import Features, FeatureSource
-from ..runtime import default_device, progress
+from ..runtime import default_device, progress, release_free_heap
 from .base import Detector, register
 from ..validate import choice, integer, number
 
@@ -306,7 +306,8 @@ class FlowDensity(Detector):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             flow = build_flow(self.kind, train.dim, self.blocks).to(device)
-        optimizer = torch.optim.Adam(flow.parameters(), lr=self.lr)
+        # foreach=False: Adam's update then needs one parameter's temporaries at a time, not all of them at once
+        optimizer = torch.optim.Adam(flow.parameters(), lr=self.lr, foreach=False)
         n = len(train)
         steps = (n + self.batch_size - 1) // self.batch_size
         history = []
@@ -325,6 +326,7 @@ class FlowDensity(Detector):
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    release_free_heap()
                     total += loss.item() * len(x)
                     bar.update()
                     if step % 20 == 0:
@@ -332,10 +334,13 @@ class FlowDensity(Detector):
                 history.append(total / n)
         finally:
             bar.close()
-        flow = flow.cpu().eval()
+        del optimizer  # its moments (twice the parameters) go before the state is copied out
+        flow = flow.cpu().eval().requires_grad_(False)
         self.state.update({f"flow.{k}": v.detach().clone() for k, v in flow.state_dict().items()})
         self.state["train_nll"] = torch.tensor(history, dtype=torch.float64)
-        self._flow, self._steps = flow.double().requires_grad_(False), None
+        del flow
+        release_free_heap()
+        self._flow, self._steps = None, None  # rebuilt in float64 from the state when first scored
 
     def _fit_standardization(self, train: FeatureSource) -> None:
         total = torch.zeros(train.dim, dtype=torch.float64)

@@ -34,8 +34,8 @@ def _gpu_index(index: faiss.Index) -> faiss.Index:
 class KNN(Detector):
     """``-||z' - z'_(k)||``: minus the Euclidean distance to the k-th nearest normalised ID-train feature.
 
-    k = 50 is the paper's CIFAR-10 setting (it uses k = 1000 with ``fraction = 0.01`` of ImageNet
-    train). Search is exact by default (faiss' brute-force ``knn`` on the bank, the ``IndexFlatL2``
+    k = 50 is the paper's CIFAR-10 setting (on ImageNet it uses k = 1000 with the whole training set
+    and k = 10 with ``fraction = 0.01``). Search is exact by default (faiss' brute-force ``knn`` on the bank, the ``IndexFlatL2``
     search without a second copy of the bank; an ``IndexFlatL2`` on the GPU when faiss-gpu and CUDA are
     there); ``index="ivf"`` opts into faiss' approximate ``IndexIVFFlat`` (``nlist`` ~ 4 sqrt(N)
     cells, ``nprobe`` of them searched), which the bench marks as approximate. The official code

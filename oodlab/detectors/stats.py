@@ -148,14 +148,18 @@ def percentile(source: FeatureSource, q: float, values: Callable[[Features], Ten
         chains = [c for c in chains if c.lo != c.hi]
         gather = [c for c in chains if c.count <= cap]
         split = [c for c in chains if c.count > cap]
-        gathered: list[list[Tensor]] = [[] for _ in gather]
+        # one buffer per gathered chain, filled in place: appended pieces would fragment the heap
+        gathered = [torch.empty(c.count, dtype=torch.float64) for c in gather]
+        filled = [0] * len(gather)
         hists = [torch.zeros(BINS, dtype=torch.long) for _ in split]
         mins = [torch.full((BINS,), math.inf, dtype=torch.float64) for _ in split]
         maxs = [torch.full((BINS,), -math.inf, dtype=torch.float64) for _ in split]
         if chains:
             for v in passes():
-                for c, out in zip(gather, gathered):
-                    out.append(c.members(v))
+                for j, c in enumerate(gather):
+                    m = c.members(v)
+                    gathered[j][filled[j]:filled[j] + len(m)] = m
+                    filled[j] += len(m)
                 for i, c in enumerate(split):
                     m = c.members(v)
                     b = _bin(m, c.lo, c.hi)
@@ -163,7 +167,7 @@ def percentile(source: FeatureSource, q: float, values: Callable[[Features], Ten
                     mins[i].scatter_reduce_(0, b, m, "amin")
                     maxs[i].scatter_reduce_(0, b, m, "amax")
         for c, out in zip(gather, gathered):
-            ordered = torch.cat(out).sort().values
+            ordered = out.sort().values
             found.update({r: float(ordered[r - c.below]) for r in c.ranks})
         nxt = []
         for i, c in enumerate(split):
