@@ -18,21 +18,24 @@ from typing import Any
 from results_doc import write_section
 
 from oodlab.bench import run_bench
-from oodlab.bench.report import summary_rows
+from oodlab.bench.report import KINDS, summary_rows
 from oodlab.data.suites import load_suite
 from oodlab.detectors import available
 from oodlab.training.recipes import default_checkpoint
 
 
 def suite_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: one row per detector, ``AUROC / FPR95`` per OOD set, their means and ID accuracy."""
+    """Markdown: one row per detector, ``AUROC / FPR95`` per OOD set, their mean, the natural and synthetic
+    means apart (where the suite has synthetic sets) and ID accuracy."""
     summ = summary_rows(rows)
     oods = list(summ[0]["per_ood"])
-    lines = ["| detector | " + " | ".join(oods) + " | mean | ID acc |", "|---" * (len(oods) + 3) + "|"]
+    kinds = [k for k in KINDS if summ[0]["by_kind"]]
+    lines = ["| detector | " + " | ".join(oods) + " | mean | " + "".join(f"{k} mean | " for k in kinds) + "ID acc |",
+             "|---" * (len(oods) + 3 + len(kinds)) + "|"]
+    pair = lambda m: f"{100 * m['auroc']:.2f} / {100 * m['fpr95']:.2f}"  # noqa: E731
     for s in summ:
-        cells = [f"{100 * s['per_ood'][o]['auroc']:.2f} / {100 * s['per_ood'][o]['fpr95']:.2f}" for o in oods]
-        mean = f"{100 * s['mean']['auroc']:.2f} / {100 * s['mean']['fpr95']:.2f}"
-        lines.append(f"| {s['detector']} | " + " | ".join(cells) + f" | {mean} | {100 * s['id_acc']:.2f} |")
+        cells = [pair(s["per_ood"][o]) for o in oods] + [pair(s["mean"])] + [f"**{pair(s['by_kind'][k])}**" for k in kinds]
+        lines.append(f"| {s['detector']} | " + " | ".join(cells) + f" | {100 * s['id_acc']:.2f} |")
     best = {o: max(summ, key=lambda s: (s["per_ood"][o]["auroc"], -s["per_ood"][o]["fpr95"]))["detector"] for o in oods}
     lines.append("\nBest AUROC per OOD set: " + ", ".join(f"{o}: **{d}**" for o, d in best.items()) + ".")
     return "\n".join(lines)
@@ -52,7 +55,8 @@ def main() -> None:
             rows = run_bench(suite, detectors, ckpt, Path(out), verbose=False)
         groups = ", ".join(f"{g}: {', '.join(v)}" for g, v in suite.groups.items() if v)
         parts.append(f"### {name}\n\nDefault checkpoint `{Path(ckpt).parent.name}` ({rows[0]['model_id']}); "
-                     f"OOD sets ({groups}). Cells are AUROC / FPR95 in %.\n\n{suite_table(rows)}\n")
+                     f"OOD sets ({groups}; synthetic: {', '.join(suite.synthetic) or 'none'}). Cells are AUROC / FPR95 in %.\n\n"
+                     f"{suite_table(rows)}\n")
         print(parts[-1])
     body = ("Every detector with its paper defaults (ASH-P@60, ASH-B@65, ASH-S@90 on the pooled features; DICE "
             "p=90; DICE+ReAct p=10 (the official ImageNet demo) clipped at the 90th percentile; ReAct at the 90th "

@@ -95,35 +95,43 @@ def label(row: dict[str, Any]) -> str:
     return f"flow {p['normalize']}, {p['epochs']} ep{lr}"
 
 
+def natural_far(suite: Suite) -> list[str]:
+    """The far-OOD sets of real images (the synthetic noise sets are reported apart)."""
+    return [n for n in suite.groups["far"] if suite.kind_of(n) == "natural"]
+
+
 def suite_section(suite: Suite, rows: list[dict[str, Any]]) -> str:
-    """One markdown table per suite: seeds averaged, AUROC / FPR95 per OOD set, near/far means, NLL, time."""
-    oods, near, far = list(suite.ood), suite.groups["near"], suite.groups["far"]
+    """One markdown table per suite: seeds averaged, AUROC / FPR95 per OOD set, near, natural far and synthetic
+    means, NLL, time."""
+    oods, near, far, syn = list(suite.ood), suite.groups["near"], natural_far(suite), list(suite.synthetic)
     by_label: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_label.setdefault(label(r), []).append(r)
-    head = "| method | seeds | " + " | ".join(oods) + " | near AUROC | far AUROC | ID-test NLL | fit s/epoch (CPU s) |"
-    lines = [head, "|---" * (len(oods) + 6) + "|"]
+    head = ("| method | seeds | " + " | ".join(oods) + " | near AUROC | far AUROC (natural) | synthetic AUROC | ID-test NLL "
+            "| fit s/epoch (CPU s) |")
+    lines = [head, "|---" * (len(oods) + 7) + "|"]
     for name, group in by_label.items():
         ok = [r for r in group if "metrics" in r]
         if not ok:
-            lines.append(f"| {name} | {len(group)} | " + " | ".join("diverged" for _ in oods) + " | | | | |")
+            lines.append(f"| {name} | {len(group)} | " + " | ".join("diverged" for _ in oods) + " | | | | | |")
             continue
         cells = [f"{100 * statistics.mean(r['metrics'][o]['auroc'] for r in ok):.2f} / "
                  f"{100 * statistics.mean(r['metrics'][o]['fpr95'] for r in ok):.2f}" for o in oods]
         near_s = mean_sd([group_auroc(r, near) for r in ok]) if near else "–"
         far_s = mean_sd([group_auroc(r, far) for r in ok])
+        syn_s = mean_sd([group_auroc(r, syn) for r in ok]) if syn else "–"
         nll = f"{statistics.mean(r['test_nll'] for r in ok):.1f}" if "test_nll" in ok[0] else "–"
         epochs = ok[0]["params"].get("epochs", 1)
         per_epoch = (f"{statistics.median(r['fit_s'] for r in ok) / epochs:.1f} "
                      f"({statistics.median(r['fit_cpu_s'] for r in ok) / epochs:.1f})")
         failed = f" ({len(group) - len(ok)} diverged)" if len(ok) < len(group) else ""
-        lines.append(f"| {name} | {len(ok)}{failed} | " + " | ".join(cells) + f" | {near_s} | {far_s} | {nll} | {per_epoch} |")
+        lines.append(f"| {name} | {len(ok)}{failed} | " + " | ".join(cells) + f" | {near_s} | {far_s} | {syn_s} | {nll} | {per_epoch} |")
     return "\n".join(lines)
 
 
 def claims(suite: Suite, rows: list[dict[str, Any]]) -> str:
-    """The paper's two claims, as numbers: epochs 1 vs 3 vs 10 (L2), and near vs far AUROC."""
-    near, far = suite.groups["near"], suite.groups["far"]
+    """The paper's two claims, as numbers: epochs 1 vs 3 vs 10 (L2), and near vs (natural) far AUROC."""
+    near, far = suite.groups["near"], natural_far(suite)
     out = []
     for groupname, names in (("far", far), ("near", near)):
         if not names:
@@ -131,7 +139,7 @@ def claims(suite: Suite, rows: list[dict[str, Any]]) -> str:
         per_e = {e: [group_auroc(r, names) for r in rows if r["detector"] == "flow" and "metrics" in r
                      and r["params"].get("normalize") == "l2" and r["params"].get("epochs") == e and "lr" not in r["params"]]
                  for e in EPOCHS}
-        out.append(f"- {groupname} AUROC of flow (L2) by epochs: "
+        out.append(f"- {groupname}{' (natural)' if groupname == 'far' else ''} AUROC of flow (L2) by epochs: "
                    + ", ".join(f"{e}: {mean_sd(v)}" for e, v in per_e.items() if v) + ".")
     if near:
         for r in rows:
@@ -156,11 +164,11 @@ def timing(rows: list[dict[str, Any]]) -> str:
 
 
 def lr_table(rows: list[dict[str, Any]], suite: Suite) -> str:
-    far = suite.groups["far"]
+    far = natural_far(suite)
     sel = [r for r in rows if r["detector"] == "flow" and r["params"].get("epochs") == 1 and r["params"].get("seed", 0) == 0
            and r["params"].get("normalize") == "l2"]
     sel.sort(key=lambda r: r["params"].get("lr", DEFAULT_LR))
-    lines = ["| lr | train NLL (epoch mean) | ID-test NLL | far AUROC | far FPR95 |", "|---|---|---|---|---|"]
+    lines = ["| lr | train NLL (epoch mean) | ID-test NLL | far AUROC (natural) | far FPR95 (natural) |", "|---|---|---|---|---|"]
     for r in sel:
         lr = f"{r['params'].get('lr', DEFAULT_LR):g}" + (" (default)" if "lr" not in r["params"] else "")
         if "metrics" not in r:

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ROOT / "docs" / "results"
 ORDER = ["bench", "guard", "input_pipeline", "train_loop", "detectors", "crosscheck", "sweep", "flow", "train_outliers",
-         "unleashing_mask", "reliability", "scale"]
+         "unleashing_mask", "claims", "reliability", "scale"]
 
 
 def machine() -> str:

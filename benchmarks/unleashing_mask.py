@@ -34,7 +34,7 @@ from results_doc import ROOT, write_section
 from oodlab.bench import run_bench
 from oodlab.bench.report import summary_rows
 from oodlab.data.base import ArrayDataset, ImageSet, tensor_fingerprint
-from oodlab.data.suites import Suite, load_suite
+from oodlab.data.suites import SYNTHETIC_28, Suite, load_suite
 from oodlab.runtime import default_device
 from oodlab.training import TrainConfig
 from oodlab.training.loop import compute_signature
@@ -45,7 +45,7 @@ FIGURES = ROOT / "docs" / "results"
 ACC_BUDGET = 1.5  # points of ID accuracy a method may lose against the final model
 ID_ONLY_GAP = 1.0  # the ID-only constraint's epoch: within this many points (a margin under the budget, since
 #                    a fine-tune from the final model ends below the accuracy of the epoch whose loss it targets)
-SYNTHETIC = ("gaussian", "uniform")  # the noise OOD sets; the others are natural images
+SYNTHETIC = SYNTHETIC_28  # the noise OOD sets; the others are natural images
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..runtime import atomic_write_text
 from .figures import auroc_heatmap, detector_figure, ood_color, save_png
-from .report import METRICS, _label, summary_rows
+from .report import KINDS, METRICS, _label, summary_rows
 from .runner import load_rows, load_scores
 
 __all__ = ["Run", "load_run", "write_report", "render_html"]
@@ -128,12 +128,16 @@ def _results_table(entries: list[tuple[Run, dict[str, Any], str]], oods: list[st
     """Per OOD set AUROC and FPR95, the four means and ID accuracy; the best of each column in bold."""
     higher = {m: m != "fpr95" for m in METRICS}
     columns = [(o, m, higher[m]) for o in oods for m in ("auroc", "fpr95")]
-    columns += [("mean", m, higher[m]) for m in METRICS] + [("id_acc", "", True)]
+    columns += [("mean", m, higher[m]) for m in METRICS]
+    kinds = [k for k in KINDS if entries and entries[0][1]["by_kind"]]
+    columns += [(k, m, higher[m]) for k in kinds for m in ("auroc", "fpr95")] + [("id_acc", "", True)]
 
     def value(s: dict[str, Any], col: tuple[str, str, bool]) -> float:
         o, m, _ = col
         if o == "id_acc":
             return float(s["id_acc"])
+        if o in KINDS:
+            return float(s["by_kind"].get(o, {}).get(m, math.nan))
         return float(s["mean"][m] if o == "mean" else s["per_ood"].get(o, {}).get(m, math.nan))
 
     grid = [[value(s, c) for c in columns] for _, s, _ in entries]
@@ -146,7 +150,8 @@ def _results_table(entries: list[tuple[Run, dict[str, Any], str]], oods: list[st
     first = '<th class="name" rowspan="2">detector</th>' + ('<th class="name" rowspan="2">run</th>' if multi else "")
     first += "".join(f'<th colspan="2">{escape(o)}' + (f" ({escape(groups[o])})" if groups.get(o) else "") + "</th>"
                      for o in oods)
-    first += f'<th colspan="{len(METRICS)}">mean over OOD sets</th><th rowspan="2">ID acc ↑</th>'
+    first += f'<th colspan="{len(METRICS)}">mean over OOD sets</th>'
+    first += "".join(f'<th colspan="2">mean over {k} sets</th>' for k in kinds) + '<th rowspan="2">ID acc ↑</th>'
     second = "".join(f"<th>{label[m]}</th>" for o, m, _ in columns if o != "id_acc")
     body = []
     for (run, _, name), row in zip(entries, grid):

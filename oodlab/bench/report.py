@@ -10,7 +10,7 @@ from typing import Any
 
 from ..runtime import atomic_path, atomic_write_text
 
-__all__ = ["METRICS", "INTERVALS", "summary_rows", "format_summary", "markdown", "write_tables"]
+__all__ = ["METRICS", "INTERVALS", "KINDS", "summary_rows", "format_summary", "markdown", "write_tables"]
 
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
 INTERVALS = ("auroc_lo", "auroc_hi", "fpr95_lo", "fpr95_hi")  # 95% bootstrap bounds (rows written before: absent)
@@ -25,16 +25,36 @@ def _pct_or_dash(x: float | None) -> str:
     return "–" if x is None else _pct(x)
 
 
+KINDS = ("natural", "synthetic")
+
+
 def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per detector (in first-seen order): per-OOD metrics, their means and ID accuracy."""
+    """One row per detector (in first-seen order): per-OOD metrics, their means and ID accuracy.
+
+    ``mean`` is over every OOD set; where the suite has synthetic (noise) sets, ``by_kind`` holds the
+    means over the natural and over the synthetic sets apart (rows without a ``kind`` count as natural).
+    """
     order: dict[str, dict[str, Any]] = {}
     for r in rows:
         s = order.setdefault(r["key"], {"detector": r["detector"], "key": r["key"], "params": r["params"],
-                                        "id_acc": r["id_acc"], "per_ood": {}})
+                                        "id_acc": r["id_acc"], "per_ood": {}, "kinds": {}})
         s["per_ood"][r["ood"]] = {m: r[m] for m in METRICS}
+        s["kinds"][r["ood"]] = r.get("kind", "natural")
     for s in order.values():
-        s["mean"] = {m: sum(v[m] for v in s["per_ood"].values()) / len(s["per_ood"]) for m in METRICS}
+        s["mean"] = _mean(s["per_ood"].values())
+        kinds = s.pop("kinds")
+        s["by_kind"] = ({k: _mean(v for o, v in s["per_ood"].items() if kinds[o] == k) for k in KINDS}
+                        if len(set(kinds.values())) == 2 else {})
     return list(order.values())
+
+
+def _mean(values) -> dict[str, float]:
+    values = list(values)
+    return {m: sum(v[m] for v in values) / len(values) for m in METRICS}
+
+
+def _kind_cells(s: dict[str, Any], sep: str) -> list[str]:
+    return [f"{_pct(s['by_kind'][k]['auroc'])}{sep}{_pct(s['by_kind'][k]['fpr95'])}" for k in KINDS if s["by_kind"]]
 
 
 def _label(s: dict[str, Any], keys: list[str]) -> str:
@@ -55,9 +75,10 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
         return "(no results)"
     oods = list(summ[0]["per_ood"])
     keys = [s["key"] for s in summ]
-    header = ["detector", *(f"{o} AUROC/FPR95" for o in oods), *(f"mean {_LABEL[m]}" for m in METRICS), "ID acc"]
+    header = ["detector", *(f"{o} AUROC/FPR95" for o in oods), *(f"mean {_LABEL[m]}" for m in METRICS),
+              *(f"{k} AUROC/FPR95" for k in KINDS if summ[0]["by_kind"]), "ID acc"]
     body = [[_label(s, keys), *(f"{_pct(s['per_ood'][o]['auroc'])}/{_pct(s['per_ood'][o]['fpr95'])}" for o in oods),
-             *(_pct(s["mean"][m]) for m in METRICS), _pct(s["id_acc"])] for s in summ]
+             *(_pct(s["mean"][m]) for m in METRICS), *_kind_cells(s, "/"), _pct(s["id_acc"])] for s in summ]
     return _grid(header, body)
 
 
@@ -70,18 +91,24 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     out.write(f"# oodlab bench: {settings.get('suite', '?')}\n\n")
     out.write(f"Checkpoint `{settings.get('checkpoint', '?')}` (fingerprint {settings.get('model_id', '?')}). "
               "ID is the positive class; higher score = more ID; FPR95 = OOD accepted at 95% ID TPR. Values in %.\n\n")
-    out.write("| detector | " + " | ".join(f"{o} AUROC / FPR95" for o in oods) + " | mean AUROC | mean FPR95 | ID acc |\n")
-    out.write("|---" * (len(oods) + 4) + "|\n")
+    kinds = [k for k in KINDS if summ and summ[0]["by_kind"]]
+    if kinds:
+        out.write("Natural and synthetic: means over the natural OOD sets and over the generated-noise ones, apart.\n\n")
+    out.write("| detector | " + " | ".join(f"{o} AUROC / FPR95" for o in oods) + " | mean AUROC | mean FPR95 | "
+              + "".join(f"{k} AUROC / FPR95 | " for k in kinds) + "ID acc |\n")
+    out.write("|---" * (len(oods) + 4 + len(kinds)) + "|\n")
     for s in summ:
         cells = [f"{_pct(s['per_ood'][o]['auroc'])} / {_pct(s['per_ood'][o]['fpr95'])}" for o in oods]
         out.write(f"| {_label(s, keys)} | " + " | ".join(cells)
-                  + f" | {_pct(s['mean']['auroc'])} | {_pct(s['mean']['fpr95'])} | {_pct(s['id_acc'])} |\n")
+                  + f" | {_pct(s['mean']['auroc'])} | {_pct(s['mean']['fpr95'])} | "
+                  + "".join(f"{c} | " for c in _kind_cells(s, " / ")) + f"{_pct(s['id_acc'])} |\n")
     out.write("\n## All metrics\n\n`auroc_lo`–`auroc_hi` and `fpr95_lo`–`fpr95_hi`: 95% percentile bootstrap intervals "
               "(1,000 resamples of the ID and the OOD scores, each resampled separately; seed 0).\n\n"
-              "| detector | OOD set | group | AUROC | FPR95 | AUPR-In | AUPR-Out | auroc_lo | auroc_hi | fpr95_lo | "
-              "fpr95_hi |\n" + "|---" * 11 + "|\n")
+              "| detector | OOD set | group | kind | AUROC | FPR95 | AUPR-In | AUPR-Out | auroc_lo | auroc_hi | fpr95_lo | "
+              "fpr95_hi |\n" + "|---" * 12 + "|\n")
     for r in rows:
-        out.write(f"| {r['key']} | {r['ood']} | {r['group']} | " + " | ".join(_pct(r[m]) for m in METRICS) + " | "
+        out.write(f"| {r['key']} | {r['ood']} | {r['group']} | {r.get('kind', 'natural')} | "
+                  + " | ".join(_pct(r[m]) for m in METRICS) + " | "
                   + " | ".join(_pct_or_dash(r.get(m)) for m in INTERVALS) + " |\n")
     out.write("\n## Detector settings\n\n")
     for s in summ:
@@ -94,7 +121,7 @@ def write_tables(out_dir: str | Path, rows: list[dict[str, Any]], settings: dict
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps({"settings": settings, "rows": rows}, indent=2, default=str))
-    fields = ["detector", "key", "ood", "group", *METRICS, *INTERVALS, "id_acc", "fit_s", "score_s", "params"]
+    fields = ["detector", "key", "ood", "group", "kind", *METRICS, *INTERVALS, "id_acc", "fit_s", "score_s", "params"]
     with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()

