@@ -102,6 +102,7 @@ def main() -> None:
 
     import onnxruntime as ort
 
+    from oodlab.bench.report import KINDS
     from oodlab.data import load_suite
     from oodlab.detectors import available, create
     from oodlab.features import FeatureCache
@@ -135,11 +136,14 @@ def main() -> None:
             if seed == 0:
                 guards[name] = guard
         cells = [f"{100 * np.mean(v):.1f}" for v in ood_rates.values()]
+        kinds = {kind: [np.mean(v) for k, v in ood_rates.items() if suite.kind_of(k) == kind] for kind in KINDS}
         rate_rows.append(f"| {name} | {100 * np.mean(id_rates):.2f} ± {100 * np.std(id_rates):.2f} | "
-                         + " | ".join(cells) + f" | {100 * np.mean([np.mean(v) for v in ood_rates.values()]):.1f} |")
+                         + " | ".join(cells) + "".join(f" | {100 * np.mean(v):.1f}" for v in kinds.values() if v) + " |")
     ood_names = list(oods)
-    rates = "\n".join([f"| detector | ID flagged (%), mean ± sd | {' | '.join(ood_names)} | OOD mean |",
-                       "|---|---|" + "---|" * len(ood_names) + "---|", *rate_rows])
+    kind_names = [k for k in KINDS if any(suite.kind_of(o) == k for o in ood_names)]
+    rates = "\n".join([f"| detector | ID flagged (%), mean ± sd | {' | '.join(ood_names)} | "
+                       + " | ".join(f"{k} mean" for k in kind_names) + " |",
+                       "|---|---|" + "---|" * (len(ood_names) + len(kind_names)), *rate_rows])
 
     # 2. exported = Python ----------------------------------------------------------------------
     x_eval = {"id": _images(suite.id_test)[held_out], **{k: _images(v) for k, v in suite.ood.items()}}

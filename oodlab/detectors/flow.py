@@ -36,6 +36,11 @@ never fire, or L2-normalised ones living on a sphere) a flow can raise the likel
 bound by squeezing the empty directions; a large rate then diverges or hurts OOD detection, which
 is one of the over-training pitfalls the paper warns about.
 
+Memory: the fit streams the training features in shuffled batches, so it does not grow with the
+rows; it is the flow's own: about ``blocks * 4 D^2`` parameters (0.66M at D = 128, 168M at D = 2048),
+held four times while training (weights, gradients and Adam's two moments: 2.7 GB in float32 at
+D = 2048) plus one step's activations. Scoring runs a float64 copy built from the saved state.
+
 Deviations from the official code, all deliberate:
 
 - Scores are computed in float64 (training in float32, as the official code), so far-away OOD
