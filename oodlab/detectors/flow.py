@@ -339,7 +339,8 @@ class FlowDensity(Detector):
                 history.append(total / n)
         finally:
             bar.close()
-        del optimizer  # its moments (twice the parameters) go before the state is copied out
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer, loss  # the moments, gradients and last graph go before the state is copied out
         flow = flow.cpu().eval().requires_grad_(False)
         self.state.update({f"flow.{k}": v.detach().clone() for k, v in flow.state_dict().items()})
         self.state["train_nll"] = torch.tensor(history, dtype=torch.float64)
