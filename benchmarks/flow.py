@@ -217,7 +217,7 @@ def main() -> None:
         main_rows = [r for r in rows if "lr" not in r["params"]]
         groups = ", ".join(f"{g}: {', '.join(v)}" for g, v in suite.groups.items() if v)
         parts.append(f"### {name}\n\nDefault checkpoint `{Path(ckpt).parent.name}` ({model_id}), "
-                     f"{len(feats[0])} training features of dimension {feats[0].z.shape[1]}; OOD sets ({groups}). "
+                     f"{len(feats[0])} training features of dimension {feats[0].dim}; OOD sets ({groups}). "
                      f"Cells: AUROC / FPR95 in %, averaged over seeds; near/far AUROC as mean ± sd over seeds.\n\n"
                      f"{suite_section(suite, main_rows)}\n\n{claims(suite, main_rows)}\n")
         print(parts[-1], flush=True)
