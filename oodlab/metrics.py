@@ -118,8 +118,8 @@ def bootstrap_metrics(score_id: ArrayLike, score_ood: ArrayLike, n_boot: int = 1
     ``m`` OOD indices (``rng.integers(0, n, n)``, ``rng.integers(0, m, m)``), so it is the pair
     ``(score_id[i], score_ood[j])`` and its metrics equal :func:`auroc` / :func:`fpr_at_tpr` on it
     (AUROC up to float rounding, FPR exactly). Vectorised: a resample is a vector of counts per sample;
-    AUROC is then an exact integer sum over the sorted OOD scores and FPR reads the cumulative counts at
-    the resample's threshold, chunk by chunk of resamples.
+    AUROC is then an exact integer sum over the sorted OOD scores (a gather of m per resample) and FPR
+    counts the resampled OOD under the resample's threshold, chunk by chunk of resamples.
     """
     if int(n_boot) != n_boot or n_boot < 1:
         raise ValueError(f"n_boot must be a positive integer, got {n_boot}")
@@ -132,9 +132,8 @@ def bootstrap_metrics(score_id: ArrayLike, score_ood: ArrayLike, n_boot: int = 1
     x, y = sid[id_order], sood[ood_order]  # ascending
     rank_id, rank_ood = np.empty(n, np.int64), np.empty(m, np.int64)
     rank_id[id_order], rank_ood[ood_order] = np.arange(n), np.arange(m)  # sample -> position in x / y
-    below = np.searchsorted(y, x, "left")  # OOD positions under each sorted ID score, then ties
-    upto = np.searchsorted(y, x, "right")
-    no_ties = np.array_equal(below, upto)  # no ID score equals an OOD score
+    below = np.searchsorted(y, x, "left")  # OOD positions under each sorted ID score
+    id_below, id_upto = np.searchsorted(x, y, "left"), np.searchsorted(x, y, "right")  # ID under / at each OOD score
     target = tpr - 1e-12  # fpr_at_tpr's test, tps / n >= target, as a whole count of resampled ID
     need = int(np.ceil(target * n))
     while need > 0 and (need - 1) / n >= target:
@@ -150,16 +149,18 @@ def bootstrap_metrics(score_id: ArrayLike, score_ood: ArrayLike, n_boot: int = 1
         for b in range(size):  # counts per sample, indexed by sorted position (x for ID, y for OOD)
             c_id[b] = np.bincount(rank_id[rng.integers(0, n, n)], minlength=n)
             c_ood[b] = np.bincount(rank_ood[rng.integers(0, m, m)], minlength=m)
-        cum = np.zeros((size, m + 1), np.int32)
-        np.cumsum(c_ood, axis=1, out=cum[:, 1:])  # cum[:, k] = resampled OOD among the k lowest
-        # 2 * (pairs with id > ood) + (pairs with id == ood), an exact integer
-        pairs = np.multiply(c_id, cum[:, below], dtype=np.int64).sum(1)
-        twice = 2 * pairs if no_ties else pairs + np.multiply(c_id, cum[:, upto], dtype=np.int64).sum(1)
+        cum_id = np.zeros((size, n + 1), np.int32)
+        np.cumsum(c_id, axis=1, out=cum_id[:, 1:])  # cum_id[:, k] = resampled ID among the k lowest
+        # 2 * (pairs with id > ood) + (pairs with id == ood), an exact integer, summed over the OOD side:
+        # each OOD sample has n - cum_id[upto] resampled ID above it and cum_id[upto] - cum_id[below] equal to it
+        twice = np.multiply(c_ood, 2 * n - cum_id[:, id_upto] - cum_id[:, id_below], dtype=np.int64).sum(1)
         aurocs[start:start + size] = twice / (2.0 * n * m)
         # threshold x[k]: the highest ID score with >= need resampled ID at or above it, i.e. with at most
         # n - need of them below it (the count below position p is the cumulative count up to p - 1)
-        k = (np.cumsum(c_id[:, :-1], axis=1) <= n - need).sum(1)
-        fprs[start:start + size] = (m - cum[np.arange(size), below[k]]) / m  # OOD at or above it
+        k = (cum_id[:, 1:n] <= n - need).sum(1)
+        rows = np.arange(size)
+        ood_below = np.array([c_ood[b, :below[k[b]]].sum() for b in rows])  # resampled OOD under x[k]
+        fprs[start:start + size] = (m - ood_below) / m  # OOD at or above it
     return aurocs, fprs
 
 
