@@ -158,8 +158,7 @@ def bootstrap_metrics(score_id: ArrayLike, score_ood: ArrayLike, n_boot: int = 1
         # threshold x[k]: the highest ID score with >= need resampled ID at or above it, i.e. with at most
         # n - need of them below it (the count below position p is the cumulative count up to p - 1)
         k = (cum_id[:, 1:n] <= n - need).sum(1)
-        rows = np.arange(size)
-        ood_below = np.array([c_ood[b, :below[k[b]]].sum() for b in rows])  # resampled OOD under x[k]
+        ood_below = np.array([c_ood[b, :below[k[b]]].sum() for b in range(size)])  # resampled OOD under x[k]
         fprs[start:start + size] = (m - ood_below) / m  # OOD at or above it
     return aurocs, fprs
 
