@@ -37,9 +37,14 @@ bound by squeezing the empty directions; a large rate then diverges or hurts OOD
 is one of the over-training pitfalls the paper warns about.
 
 Memory: the fit streams the training features in shuffled batches, so it does not grow with the
-rows; it is the flow's own: about ``blocks * 4 D^2`` parameters (0.66M at D = 128, 168M at D = 2048),
-held four times while training (weights, gradients and Adam's two moments: 2.7 GB in float32 at
-D = 2048) plus one step's activations. Scoring runs a float64 copy built from the saved state.
+rows; it is the flow's own: ``blocks * 3 D^2`` parameters (0.5M at D = 128, 126M at D = 2048; each
+LU mixing packs its two triangles into one D x D matrix), held three times while training (weights
+and Adam's two moments: 1.5 GB in float32 at D = 2048). Gradients never exist all at once (each
+parameter takes its Adam step as backward completes it), the LU mixing's backward rebuilds its
+triangles instead of keeping them, and on the CPU a large flow (over :data:`LEAN_PARAMETERS`)
+recomputes each layer's activations in backward; all of these give the same weights as the plain
+loop. Scoring runs in float64 with the float32 weights cast as they are used and one float64 dense
+matrix per LU mixing.
 
 Deviations from the official code, all deliberate:
 
@@ -65,6 +70,7 @@ import torch.nn.functional as F
 import zuko
 from torch import Tensor, nn
 from torch.distributions import AffineTransform, Transform, constraints
+from torch.utils.checkpoint import checkpoint
 from typing_extensions import Self
 from zuko.distributions import DiagNormal
 from zuko.lazy import Flow, LazyTransform, UnconditionalDistribution
@@ -80,6 +86,10 @@ __all__ = ["FlowDensity", "build_flow", "glow_steps", "glow_log_prob", "initiali
 FLOW_KINDS = ("glow", "realnvp", "maf")
 NORMALIZATIONS = ("l2", "standard", "none")
 _EPS = 1e-6  # ActNorm's and the standardisation's guard against zero variance (dead units)
+#: A flow with more parameters than this is fitted lean on the CPU, where its memory is the host's: activations
+#: recomputed in backward and the heap trimmed as it goes (the same weights, ~30% more time a step). The default
+#: flow (10 blocks) is over it from D = 1,160 on.
+LEAN_PARAMETERS = 40_000_000
 
 
 class _ActNorm(LazyTransform):
@@ -101,39 +111,79 @@ class _ActNorm(LazyTransform):
         return AffineTransform(-self.shift * scale, scale, event_dim=1)
 
 
+def _lu_factors(lu: Tensor, log_s: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
+    """``L`` (unit lower) and ``U`` (upper, diagonal ``sign * exp(log_s)``) from the packed matrix ``lu``."""
+    eye = torch.eye(lu.shape[0], dtype=lu.dtype, device=lu.device)
+    return torch.tril(lu, -1) + eye, torch.triu(lu, 1) + torch.diag(sign * log_s.exp())
+
+
+class _PLUProduct(torch.autograd.Function):
+    """Rows ``x -> P L U x`` (``L``, ``U`` as :func:`_lu_factors` builds them), differentiable in ``x``, ``lu`` and
+    ``log_s``, with the factors' unit and exponential diagonals applied as vectors.
+
+    Autograd would keep both assembled D x D factors of every block for the backward pass (335 MB at
+    D = 2048 over 10 blocks) and make six D x D temporaries a block; this keeps ``x`` and ``U x``,
+    and makes two D x D temporaries forward (the two triangles) and four backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lu: Tensor, log_s: Tensor, sign: Tensor, order: Tensor, inv_order: Tensor) -> Tensor:
+        x_t, diag = x.mT, (sign * log_s.exp())[:, None]
+        ux = torch.addmm(diag * x_t, torch.triu(lu, 1), x_t)  # U x
+        ctx.save_for_backward(x, ux, lu, log_s, sign, order)
+        return torch.addmm(ux, torch.tril(lu, -1), ux).mT[..., inv_order]  # P L (U x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, ux, lu, log_s, sign, order = ctx.saved_tensors
+        grad_lux = grad[..., order].mT  # through P
+        grad_ux = torch.addmm(grad_lux, torch.tril(lu, -1).mT, grad_lux)  # L^T g
+        grad_lu = (grad_lux @ ux.mT).tril_(-1)
+        grad_upper = grad_ux @ x
+        diag = sign * log_s.exp()
+        grad_log_s = grad_upper.diagonal() * diag
+        grad_lu += grad_upper.triu_(1)
+        grad_x = torch.addmm(diag[:, None] * grad_ux, torch.triu(lu, 1).mT, grad_ux)  # U^T g'
+        return grad_x.mT, grad_lu, grad_log_s, None, None, None
+
+
 class _PLU(Transform):
     """``x -> W x = P L U x`` (unit lower ``L``, upper ``U``, permutation ``P``); the inverse is two solves.
 
-    The density side (what training and scoring evaluate) is three matrix products; the triangular
-    solves are only needed to sample. zuko's :class:`~zuko.transforms.LULinearTransform` has no
-    permutation and solves one small system per sample.
+    The density side (what training and scoring evaluate) is matrix products; the triangular solves
+    are only needed to sample. zuko's :class:`~zuko.transforms.LULinearTransform` has no permutation
+    and solves one small system per sample.
     """
 
     domain = constraints.real_vector
     codomain = constraints.real_vector
     bijective = True
 
-    def __init__(self, order: Tensor, inv_order: Tensor, lower: Tensor, upper: Tensor, ladj: Tensor) -> None:
+    def __init__(self, mixing: _LUMixing) -> None:
         super().__init__()
-        self.order, self.inv_order, self.lower, self.upper, self.ladj = order, inv_order, lower, upper, ladj
+        self.mixing = mixing
 
     def _call(self, x: Tensor) -> Tensor:
-        y = (self.lower @ (self.upper @ x.mT)).mT
-        return y[..., self.inv_order]  # P y
+        m, rows = self.mixing, x.reshape(-1, x.shape[-1])
+        return _PLUProduct.apply(rows, m.lu, m.log_s, m.sign, m.order, m.inv_order).reshape(x.shape)
 
     def _inverse(self, y: Tensor) -> Tensor:
-        x = torch.linalg.solve_triangular(self.lower, y[..., self.order].mT, upper=False, unitriangular=True)
-        return torch.linalg.solve_triangular(self.upper, x, upper=True).mT
+        lower, upper = _lu_factors(self.mixing.lu, self.mixing.log_s, self.mixing.sign)
+        x = torch.linalg.solve_triangular(lower, y[..., self.mixing.order].mT, upper=False, unitriangular=True)
+        return torch.linalg.solve_triangular(upper, x, upper=True).mT
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.ladj.expand(x.shape[:-1])
+        return self.mixing.log_s.sum().expand(x.shape[:-1])
 
 
 class _LUMixing(LazyTransform):
     """Glow's invertible 1x1 convolution ``x -> W x``, ``W = P L (U + diag(sign * exp(log_s)))``, feature -> latent.
 
     ``P`` and ``sign`` are fixed; ``W`` starts as a random rotation, as in normflows (official code),
-    whose ``Invertible1x1Conv`` applies this ``W`` on the density side.
+    whose ``Invertible1x1Conv`` applies this ``W`` on the density side. The strictly lower part of
+    ``L`` and the strictly upper part of ``U`` are one packed D x D parameter ``lu`` (as LAPACK packs
+    an LU factorisation; its diagonal is unused and stays zero), so Adam keeps one matrix of moments
+    per block, not two half-empty ones.
     """
 
     def __init__(self, features: int) -> None:
@@ -145,14 +195,17 @@ class _LUMixing(LazyTransform):
         self.register_buffer("order", order)  # x[..., order] == P^T x
         self.register_buffer("inv_order", torch.argsort(order))  # x[..., inv_order] == P x
         self.register_buffer("sign", diag.sign())
-        self.lower = nn.Parameter(lower)
-        self.upper = nn.Parameter(upper)
+        self.lu = nn.Parameter(torch.tril(lower, -1) + torch.triu(upper, 1))
         self.log_s = nn.Parameter(diag.abs().log())
 
     def forward(self, c: Tensor | None = None) -> Transform:
-        eye = torch.eye(len(self.order), dtype=self.lower.dtype, device=self.lower.device)
-        upper = torch.triu(self.upper, 1) + torch.diag(self.sign * self.log_s.exp())
-        return _PLU(self.order, self.inv_order, torch.tril(self.lower, -1) + eye, upper, self.log_s.sum())
+        return _PLU(self)
+
+    def dense(self, dtype: torch.dtype) -> Tensor:
+        """``W^T`` in ``dtype``, built there from the parameters, so that ``x @ dense == (W x^T)^T`` for rows ``x``."""
+        eye = torch.eye(len(self.order), dtype=dtype, device=self.lu.device)
+        return _PLUProduct.apply(eye, self.lu.to(dtype), self.log_s.to(dtype), self.sign.to(dtype), self.order,
+                                 self.inv_order)
 
 
 def _coupling_net(inputs: int, outputs: int, features: int) -> nn.Module:
@@ -173,7 +226,7 @@ class _AffineCoupling(LazyTransform):
         super().__init__()
         mask = torch.arange(features) % 2 == 0
         self.register_buffer("mask", mask)
-        a = int(mask.sum())
+        a = (features + 1) // 2  # the even dimensions (no .item(): the flow can be built on the meta device)
         self.s = _coupling_net(a, features - a, features)
         self.t = _coupling_net(a, features - a, features)
 
@@ -208,13 +261,18 @@ def build_flow(kind: str, features: int, blocks: int) -> Flow:
 Step = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
-def glow_steps(flow: Flow) -> list[Step]:
+@torch.no_grad()
+def glow_steps(flow: Flow, dtype: torch.dtype | None = None) -> list[Step]:
     """The default flow's blocks, feature side to base, as plain tensor maps ``x -> (y, log|det J|)``.
 
     The same function as ``flow().log_prob`` builds from zuko transforms, but each LU mixing is
-    one dense matrix (``P L U`` assembled once), so the whole
-    density is matrix products and element-wise maps: fast, and exportable to ONNX.
+    one dense matrix (``P L U`` assembled once), so the whole density is matrix products and
+    element-wise maps: fast, and exportable to ONNX. The steps run in the dtype of their input; the
+    dense matrices are assembled in ``dtype`` (default: the flow's), and the coupling nets' weights
+    are cast as they are used, so a float64 scorer of a float32 flow holds no float64 copy of them
+    (at D = 2048: 0.67 GB saved) and computes exactly what a float64 copy would.
     """
+    dtype = dtype or next(flow.parameters()).dtype
     steps: list[Step] = []
     for layer in flow.transform.transforms:
         if isinstance(layer, _AffineCoupling):
@@ -223,21 +281,83 @@ def glow_steps(flow: Flow) -> list[Step]:
 
             def coupling(x: Tensor, layer=layer, idx_a=idx_a, idx_b=idx_b, merge=merge) -> tuple[Tensor, Tensor]:
                 x_a, x_b = x[:, idx_a], x[:, idx_b]
-                s = layer.s(x_a)
-                return torch.cat([x_a, (x_b - layer.t(x_a)) * torch.exp(-s)], 1)[:, merge], -s.sum(1)
+                s = _cast_as_used(layer.s, x_a)
+                return torch.cat([x_a, (x_b - _cast_as_used(layer.t, x_a)) * torch.exp(-s)], 1)[:, merge], -s.sum(1)
 
             steps.append(coupling)
         elif isinstance(layer, _LUMixing):
-            transform = layer()
-            dense = transform(torch.eye(len(layer.order), dtype=layer.lower.dtype)).detach()
-            ladj = transform.ladj.detach()
+            dense, ladj = layer.dense(dtype), layer.log_s.to(dtype).sum()
             steps.append(lambda x, dense=dense, ladj=ladj: (x @ dense, ladj.expand(x.shape[0])))
         elif isinstance(layer, _ActNorm):
-            steps.append(lambda x, layer=layer: ((x - layer.shift) * torch.exp(-layer.log_scale),
-                                                 (-layer.log_scale.sum()).expand(x.shape[0])))
+            shift, log_scale = layer.shift.to(dtype), layer.log_scale.to(dtype)
+            steps.append(lambda x, shift=shift, log_scale=log_scale: ((x - shift) * torch.exp(-log_scale),
+                                                                     (-log_scale.sum()).expand(x.shape[0])))
         else:
             raise TypeError(f"not a block of the default flow: {type(layer).__name__}")
     return steps
+
+
+def _cast_as_used(net: nn.Sequential, x: Tensor) -> Tensor:
+    """``net(x)`` in ``x``'s dtype, each linear layer's weights cast to it as the layer is applied."""
+    for module in net:
+        linear = isinstance(module, (nn.Linear, zuko.nn.Linear))
+        x = F.linear(x, module.weight.to(x.dtype), module.bias.to(x.dtype)) if linear else module(x)
+    return x
+
+
+def _adam_in_backward(flow: nn.Module, lr: float, trim: bool = False) -> list[torch.utils.hooks.RemovableHandle]:
+    """Give every parameter of ``flow`` its own Adam, stepped the moment backward completes its gradient.
+
+    Adam's update is element-wise, so this is the same optimisation as one Adam stepped after the
+    backward pass, but no more than a few gradients exist at once: at D = 2048 that saves the 0.5 GB
+    a full set of gradients takes (PyTorch's "optimizer step in backward" pattern). ``trim`` hands
+    the freed heap back to the system after each update (see :func:`~oodlab.runtime.release_free_heap`).
+    """
+    def step_with(optimizer: torch.optim.Optimizer) -> Callable[[Tensor], None]:
+        def hook(param: Tensor) -> None:
+            optimizer.step()
+            param.grad = None
+            if trim:
+                release_free_heap()
+        return hook
+
+    # foreach=False: the single-tensor update, which needs one parameter's temporaries
+    return [p.register_post_accumulate_grad_hook(step_with(torch.optim.Adam([p], lr=lr, foreach=False)))
+            for p in flow.parameters()]
+
+
+def _log_prob_recomputed(flow: Flow, x: Tensor) -> Tensor:
+    """``flow().log_prob(x)``, with each layer's activations recomputed during backward instead of kept.
+
+    Activation checkpointing (``torch.utils.checkpoint``): the forward pass keeps only each layer's
+    input, and backward runs one layer's forward again before its gradients; the freed heap is handed
+    back after each layer. The gradients are the same; at D = 2048 and batch 250 a step holds ~0.2 GB
+    less, for ~30% more time.
+    """
+    ladj = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+    for layer in flow.transform.transforms:
+        x, layer_ladj = checkpoint(_call_and_ladj, layer, x, use_reentrant=False)
+        ladj = ladj + layer_ladj
+    return flow.base().log_prob(x) + ladj
+
+
+def _call_and_ladj(layer: LazyTransform, x: Tensor) -> tuple[Tensor, Tensor]:
+    y, ladj = layer().call_and_ladj(x)
+    release_free_heap()  # the layer's temporaries leave no holes behind
+    return y, ladj
+
+
+def _packed_lu(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A flow state with each LU mixing's ``lower`` and ``upper`` (as oodlab saved them before packing) packed
+    into one ``lu``; the same density. A state already packed is returned as it is."""
+    packed = {}
+    for key, value in state.items():
+        if key.endswith(".lower"):
+            prefix = key[:-len("lower")]
+            packed[prefix + "lu"] = torch.tril(value, -1) + torch.triu(state[prefix + "upper"], 1)
+        elif not key.endswith(".upper"):
+            packed[key] = value
+    return packed
 
 
 def glow_log_prob(steps: list[Step], x: Tensor) -> Tensor:
@@ -271,7 +391,7 @@ class FlowDensity(Detector):
     """
 
     name = "flow"
-    score_chunk = 8192
+    score_chunk = 1024  # rows: a chunk's float64 activations (~10 D-wide rows each) take 0.17 GB at D = 2048
 
     def __init__(self, epochs: int = 1, batch_size: int = 250, lr: float = 1e-4, blocks: int = 10,
                  kind: str = "glow", normalize: str = "l2", seed: int = 0) -> None:
@@ -296,7 +416,7 @@ class FlowDensity(Detector):
         if self.kind == "glow" and any(k.endswith(".order") and k[:-len("order")] + "inv_order" not in state for k in state):
             raise ValueError("this flow was saved by an older oodlab whose LU mixing applied W^-1 on the density side "
                              "(now W = P L U, as the official code); its parameters mean another density: fit it again")
-        super().load_state_dict(state)
+        super().load_state_dict(_packed_lu(state) if self.kind == "glow" else state)
         self._flow, self._steps = None, None
         return self
 
@@ -311,8 +431,8 @@ class FlowDensity(Detector):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             flow = build_flow(self.kind, train.dim, self.blocks).to(device)
-        # foreach=False: Adam's update then needs one parameter's temporaries at a time, not all of them at once
-        optimizer = torch.optim.Adam(flow.parameters(), lr=self.lr, foreach=False)
+        lean = device.type == "cpu" and sum(p.numel() for p in flow.parameters()) > LEAN_PARAMETERS
+        hooks = _adam_in_backward(flow, self.lr, trim=lean)
         n = len(train)
         steps = (n + self.batch_size - 1) // self.batch_size
         history = []
@@ -324,13 +444,11 @@ class FlowDensity(Detector):
                     x = self._normalized(z).to(device, torch.float32)
                     if epoch == 0 and step == 0:
                         initialize_actnorm(flow, x)
-                    loss = -flow().log_prob(x).mean()
+                    loss = -(_log_prob_recomputed(flow, x) if lean else flow().log_prob(x)).mean()
                     if not torch.isfinite(loss):
                         raise RuntimeError(f"flow training diverged (loss {loss.item()}) at epoch {epoch + 1}, "
                                            f"step {step + 1}; lower lr (now {self.lr}) or train fewer epochs")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    loss.backward()  # each parameter takes its Adam step as soon as its gradient is complete
                     release_free_heap()
                     total += loss.item() * len(x)
                     bar.update()
@@ -339,14 +457,15 @@ class FlowDensity(Detector):
                 history.append(total / n)
         finally:
             bar.close()
-        optimizer.zero_grad(set_to_none=True)
-        del optimizer, loss  # the moments, gradients and last graph go before the state is copied out
-        flow = flow.cpu().eval().requires_grad_(False)
-        self.state.update({f"flow.{k}": v.detach().clone() for k, v in flow.state_dict().items()})
+            for hook in hooks:
+                hook.remove()  # with them go the optimizers and their moments
+            del hooks
+        # the state takes the trained tensors themselves (no copy on the CPU): the flow is dropped here
+        self.state.update({f"flow.{k}": v for k, v in flow.cpu().state_dict().items()})
         self.state["train_nll"] = torch.tensor(history, dtype=torch.float64)
         del flow
         release_free_heap()
-        self._flow, self._steps = None, None  # rebuilt in float64 from the state when first scored
+        self._flow, self._steps = None, None  # rebuilt from the state when first scored
 
     def _fit_standardization(self, train: FeatureSource) -> None:
         total = torch.zeros(train.dim, dtype=torch.float64)
@@ -369,22 +488,28 @@ class FlowDensity(Detector):
 
     # -- scoring ------------------------------------------------------------------------------
     def _module(self) -> Flow:
-        """The fitted flow in float64, rebuilt from the config and ``state`` after a load."""
+        """The fitted flow, rebuilt from the config around the tensors of ``state`` (float32, not copied)."""
         if self._flow is None:
-            with torch.random.fork_rng(devices=[]):
+            # the default flow is built on the meta device (no wasted random init); zuko's flows call .item()
+            # while they are built, so they are built on the CPU and their random init is replaced
+            device = "meta" if self.kind == "glow" else "cpu"
+            with torch.random.fork_rng(devices=[]), torch.device(device):
                 flow = build_flow(self.kind, self.weight.shape[1], self.blocks)
-            flow.load_state_dict({k[len("flow."):]: v for k, v in self.state.items() if k.startswith("flow.")})
-            self._flow = flow.eval().double().requires_grad_(False)
+            flow.load_state_dict({k[len("flow."):]: v for k, v in self.state.items() if k.startswith("flow.")},
+                                 assign=True)
+            flow = flow.eval().requires_grad_(False)
+            self._flow = flow if self.kind == "glow" else flow.double()  # glow_steps casts as it goes
         return self._flow
 
     @torch.no_grad()
     def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
-        """``log p(z)``; the default flow runs as dense tensor maps (:func:`glow_steps`), zuko's kinds through zuko."""
+        """``log p(z)`` in float64; the default flow runs as dense tensor maps (:func:`glow_steps`), zuko's kinds
+        through zuko."""
         x = self._normalized(z)
         if self.kind != "glow":
             return self._module()().log_prob(x)
         if self._steps is None:
-            self._steps = glow_steps(self._module())
+            self._steps = glow_steps(self._module(), torch.float64)
         return glow_log_prob(self._steps, x)
 
     @property

@@ -1,13 +1,15 @@
 """Flow density detector: exact change of variables, Gaussian known answers, save/load, errors."""
 
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from oodlab.detectors import create, load_detector
-from oodlab.detectors.flow import _LUMixing, build_flow, glow_steps, initialize_actnorm
+from oodlab.detectors import create, flow as flow_module, load_detector
+from oodlab.detectors.flow import (_LUMixing, _PLUProduct, _adam_in_backward, _lu_factors, build_flow, glow_steps,
+                                  initialize_actnorm)
 from oodlab.features import Features
 from oodlab.metrics import auroc
 
@@ -51,8 +53,8 @@ def test_lu_mixing_maps_features_to_latent_by_plu():
     layer = perturbed(_LUMixing(5).double())
     p = torch.zeros(5, 5, dtype=torch.float64)
     p[layer.order, torch.arange(5)] = 1.0  # x[..., order] == P^T x
-    lower = torch.tril(layer.lower, -1) + torch.eye(5, dtype=torch.float64)
-    upper = torch.triu(layer.upper, 1) + torch.diag(layer.sign * layer.log_s.exp())
+    lower = torch.tril(layer.lu, -1) + torch.eye(5, dtype=torch.float64)
+    upper = torch.triu(layer.lu, 1) + torch.diag(layer.sign * layer.log_s.exp())
     w = p @ lower @ upper
     assert not torch.allclose(w @ w.T, torch.eye(5, dtype=torch.float64), atol=1e-2)  # not a rotation: W != W^-T
     x = torch.randn(7, 5, dtype=torch.float64)
@@ -203,3 +205,78 @@ def test_paper_defaults_and_validation():
             create("flow", **bad)
     with pytest.raises(ValueError, match="at least 2 feature dimensions"):
         create("flow").fit(Features(torch.randn(10, 1), torch.zeros(10, 2)), nn.Linear(1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lu_product_gradients_are_autograds(dtype):
+    """The hand-written backward of P L U x (which saves U x instead of both factors) gives autograd's gradients
+    of the product with the assembled factors."""
+    torch.manual_seed(0)
+    layer = perturbed(_LUMixing(6).to(dtype))
+    x = torch.randn(9, 6, dtype=dtype, requires_grad=True)
+    g = torch.randn(9, 6, dtype=dtype)
+    ours = torch.autograd.grad((layer()(x) * g).sum(), (x, layer.lu, layer.log_s))
+    lower, upper = _lu_factors(layer.lu, layer.log_s, layer.sign)
+    plain = (lower @ (upper @ x.mT)).mT[..., layer.inv_order]
+    theirs = torch.autograd.grad((plain * g).sum(), (x, layer.lu, layer.log_s))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+    assert float(ours[1].diagonal().abs().max()) == 0.0  # the packed diagonal is unused
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x, lu, ls: _PLUProduct.apply(x, lu, ls, layer.sign, layer.order,
+                                                                             layer.inv_order),
+                                        (x.detach().requires_grad_(), layer.lu.detach().clone().requires_grad_(),
+                                         layer.log_s.detach().clone().requires_grad_()))
+
+
+def test_adam_in_backward_is_adam_after_backward():
+    """Stepping each parameter from its gradient hook gives exactly the weights of one Adam stepped after backward."""
+    torch.manual_seed(0)
+    fused = build_flow("glow", 6, 2)
+    plain = copy.deepcopy(fused)
+    initialize_actnorm(fused, torch.randn(64, 6))
+    plain.load_state_dict(fused.state_dict())
+    start = [p.detach().clone() for p in fused.parameters()]
+    hooks = _adam_in_backward(fused, 1e-2)
+    adam = torch.optim.Adam(plain.parameters(), lr=1e-2, foreach=False)
+    for step in range(5):
+        x = torch.randn(32, 6, generator=torch.Generator().manual_seed(step))
+        (-fused().log_prob(x).mean()).backward()
+        adam.zero_grad()
+        (-plain().log_prob(x).mean()).backward()
+        adam.step()
+        assert all(p.grad is None for p in fused.parameters())
+    for hook in hooks:
+        hook.remove()
+    assert not any(torch.equal(a, b) for a, b in zip(fused.parameters(), start))  # every parameter was trained
+    for (name, a), b in zip(fused.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_flow_saved_with_separate_lu_factors_loads_as_the_same_density(gaussian, gaussian_flow):
+    """oodlab saved L and U as two D x D parameters before packing them into one: such a state still loads."""
+    _, _, test = gaussian
+    old = {}
+    for key, value in gaussian_flow.state_dict().items():
+        if key.endswith(".lu"):
+            g = torch.Generator().manual_seed(len(old))
+            junk = torch.randn(value.shape, generator=g)  # the unused triangles held other values
+            old[key[:-2] + "lower"] = torch.tril(value, -1) + torch.triu(junk)
+            old[key[:-2] + "upper"] = torch.triu(value, 1) + torch.tril(junk)
+        else:
+            old[key] = value
+    again = create("flow", **gaussian_flow.config()).load_state_dict(old)
+    assert torch.equal(again.score(feats(test)), gaussian_flow.score(feats(test)))
+
+
+def test_lean_fit_recomputing_activations_gives_the_same_flow(gaussian, monkeypatch):
+    """Large flows are fitted lean (activations recomputed in backward, heap trimmed): the same weights, bit for bit."""
+    _, train, _ = gaussian
+    lin = head(4)
+    plain = create("flow", blocks=2, epochs=2).fit(feats(train[:1000]), lin)
+    monkeypatch.setattr(flow_module, "LEAN_PARAMETERS", 0)
+    lean = create("flow", blocks=2, epochs=2).fit(feats(train[:1000]), lin)
+    assert plain.state.keys() == lean.state.keys()
+    for key in plain.state:
+        torch.testing.assert_close(lean.state[key], plain.state[key], rtol=0, atol=0, msg=key)
+    assert lean.train_nll[-1] < lean.train_nll[0]
