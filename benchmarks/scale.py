@@ -510,8 +510,8 @@ def _report(args, gen: dict, runs: dict, total: float, commit: str | None) -> st
             notes.append(f"one epoch over a seeded subset of {args.flow_rows:,} train rows only "
                          f"({math.ceil(args.flow_rows / 250)} steps of batch 250, lr = {args.flow_lr:g}), scored on the "
                          f"first {args.flow_queries:,} evaluation rows: a full epoch over {tr['rows']:,} rows would take "
-                         f"~{tr['rows'] / args.flow_rows:.0f}x the fit time; its memory is the flow's parameters, their "
-                         "gradients and Adam's moments, which do not grow with the rows")
+                         f"~{tr['rows'] / args.flow_rows:.0f}x the fit time; its memory is the flow's parameters and Adam's "
+                         "moments (1.5 GB at 2048-d), which do not grow with the rows")
         if "error" in o:
             cells = [o["error"], "-", "-", "-", "**fail**"]
             verdicts.append(f"{name}: fail ({o['error']})")
