@@ -288,11 +288,12 @@ def main(argv: list[str] | None = None) -> int:
                 "list": _list}
     from . import distributed
 
-    joined = False
+    joined = done = False
     try:
         if args.cmd in ("train", "bench"):
             joined = distributed.init()  # under torchrun: join the process group (gloo on CPU, NCCL on CUDA)
         handlers[args.cmd](args)
+        done = True
     except (ValueError, FileNotFoundError, TypeError, MemoryError) as exc:
         if args.debug or os.environ.get("OODLAB_DEBUG"):
             raise
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if joined:
-            distributed.shutdown()
+            distributed.shutdown(wait=done)
     return 0
 
 

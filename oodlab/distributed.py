@@ -28,9 +28,16 @@ def init() -> bool:
     return True
 
 
-def shutdown() -> None:
-    """Leave the process group (a no-op outside a distributed run)."""
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group (a no-op outside a distributed run), once every rank is done with it if ``wait``.
+
+    Waiting first is for a run that went well: a rank that tears its connections down while another
+    still talks to it can make gloo's threads abort that process at exit. A rank that failed leaves at
+    once, so the others' next collective fails instead of waiting for it.
+    """
     if dist.is_initialized():
+        if wait:
+            barrier()
         dist.destroy_process_group()
 
 

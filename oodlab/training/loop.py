@@ -140,6 +140,12 @@ def shuffled_batches(data: ImageSet, batch_size: int, generator: torch.Generator
         yield from DataLoader(ds, batch_size=batch_size, shuffle=True, generator=generator, num_workers=2)
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Global batches in an epoch of ``n`` images: the last, smaller one counts only when it has an image for
+    every rank (under ``torchrun``; a single process takes every batch)."""
+    return n // batch_size + int(n % batch_size >= max(1, distributed.world_size()))
+
+
 def rank_batches(data: ImageSet, batch_size: int,
                  generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, tuple[int, int]]]:
     """This rank's part of each global batch of :func:`shuffled_batches`, with ``(start, total)``: where
@@ -148,7 +154,8 @@ def rank_batches(data: ImageSet, batch_size: int,
     Ranks take contiguous blocks of every global batch of ``batch_size``, so the union of the ranks'
     step equals the single-process step: exactly for in-memory sets (both orders are one ``randperm``);
     a file-backed set is ordered by one ``randperm`` of ``generator`` too (a single process orders it
-    with the DataLoader's shuffle), and each rank decodes only its own files.
+    with the DataLoader's shuffle), and each rank decodes only its own files. A last batch with fewer
+    images than ranks is skipped: a rank cannot take a step on no images (see :func:`steps_per_epoch`).
     """
     if distributed.world_size() == 1:
         for x, y in shuffled_batches(data, batch_size, generator):
@@ -156,7 +163,7 @@ def rank_batches(data: ImageSet, batch_size: int,
         return
     order = torch.randperm(len(data), generator=generator)
     parts = []
-    for i in range(0, len(order), batch_size):
+    for i in range(0, steps_per_epoch(len(data), batch_size) * batch_size, batch_size):
         batch = order[i:i + batch_size]
         mine = distributed.block(len(batch))
         parts.append((batch[mine.start:mine.stop], (mine.start, len(batch))))
@@ -238,8 +245,13 @@ def train(model: Classifier, train_set: ImageSet, objective: Objective, cfg: Tra
                                                      weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
     else:
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = (len(train_set) + cfg.batch_size - 1) // cfg.batch_size
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    steps = steps_per_epoch(len(train_set), cfg.batch_size)
+    if steps * cfg.batch_size < len(train_set) and distributed.is_main():
+        n, world = len(train_set), distributed.world_size()
+        warnings.warn(f"every epoch skips its last batch ({n % cfg.batch_size} of {n} images): it has fewer images "
+                      f"than the {world} ranks; a batch size that divides {n} or leaves at least {world} keeps it",
+                      stacklevel=2)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
              if cfg.schedule == "cosine" else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     compute = compute_signature(device)
     start = _resume(run, model, opt, sched, cfg, objective, compute)
@@ -249,7 +261,7 @@ def train(model: Classifier, train_set: ImageSet, objective: Objective, cfg: Tra
         objective.start_epoch(model, epoch, device)
         model.train()
         t0, seen, loss_sum, correct, logs = time.time(), 0, 0.0, 0, {}
-        bar = progress(rank_batches(train_set, cfg.batch_size, gen), total=steps_per_epoch,
+        bar = progress(rank_batches(train_set, cfg.batch_size, gen), total=steps,
                        desc=f"epoch {epoch}/{cfg.epochs}", unit="batch")
         for x, y, where in bar:
             if cfg.augment:

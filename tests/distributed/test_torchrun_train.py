@@ -30,7 +30,7 @@ from helpers import make_tiny_suite
 from oodlab import distributed
 from oodlab.cli import main
 from oodlab.data import suites
-suites.SUITES["tiny"] = lambda data_root=None: make_tiny_suite(n_train=43, n_test=8)
+suites.SUITES["tiny"] = lambda data_root=None: make_tiny_suite(n_train={n_train}, n_test=8)
 distributed.init()
 out, methods, erm = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 common = ["--suite", "tiny", "--batch-size", "8", "--device", "cpu", "--lr", "0.01"]
@@ -43,23 +43,27 @@ distributed.shutdown()
 """
 
 
-def _train(tmp_path: Path, name: str, launcher: list[str], erm: str = "") -> Path:
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def _train(tmp_path: Path, name: str, launcher: list[str], erm: str = "", n_train: int = 43,
+           methods: dict = METHODS) -> tuple[Path, str]:
+    """Train ``erm-init`` (2 epochs), then one epoch of each of ``methods``; the run folder and stderr."""
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(tests=str(TESTS)))
+    driver.write_text(DRIVER.format(tests=str(TESTS), n_train=n_train))
     out = tmp_path / name
     env = {**subprocess_env(), "OODLAB_CACHE": str(tmp_path / "cache"), "OODLAB_QUIET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*launcher, str(driver), str(out), json.dumps(METHODS), erm], env=env, capture_output=True,
+    proc = subprocess.run([*launcher, str(driver), str(out), json.dumps(methods), erm], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
+    return out, proc.stderr
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    one = _train(tmp, "one", [sys.executable])
-    two = _train(tmp, "two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
-                 str(one / "erm-init"))
+    one, _ = _train(tmp, "one", [sys.executable])
+    two, _ = _train(tmp, "two", TORCHRUN, str(one / "erm-init"))
     return one, two
 
 
@@ -78,3 +82,13 @@ def test_two_rank_loss_curve_follows_one_process(runs, method):
     if "constraint" in config_one:  # estimated from the same start, split over the ranks' batches
         assert config_two.pop("constraint") == pytest.approx(config_one.pop("constraint"), rel=1e-9)
     assert config_one == config_two  # the same pool, clusters, aux batch
+
+
+def test_a_last_batch_with_fewer_images_than_ranks_is_skipped_with_a_warning(tmp_path):
+    """41 images in batches of 8 leave a last batch of 1 for 2 ranks: one rank would have no image, so that
+    batch is skipped (with a warning) and the 5 full batches follow the single process's."""
+    one, _ = _train(tmp_path, "one", [sys.executable], n_train=41, methods={})
+    two, stderr = _train(tmp_path, "two", TORCHRUN, n_train=41, methods={})
+    assert "every epoch skips its last batch (1 of 41 images)" in stderr
+    for a, b in zip(*(_losses(r / "erm-init") for r in (one, two))):
+        assert abs(a - b) <= 0.08 * abs(a)
