@@ -411,7 +411,7 @@ def kill_cases(lab: Lab) -> list[Case]:
     points = [("feature extraction (batch 9 of 13)",
                "from oodlab.models.adapter import Classifier; on_call(Classifier, 'features', 9)",
                "the half-extracted data set, recomputed"),
-              ("the flow's fit (Adam step 4 of 6)", "import torch; on_call(torch.optim.Adam, 'step', 4)",
+              ("the flow's fit (step 4 of 6)", "import torch; on_call(torch.Tensor, 'backward', 4)",
                "the flow's partial fit (it has no resumable state), refitted from the start"),
               ("report writing (figure 3 of 4)", "import oodlab.bench.html as html; on_call(html, 'save_png', 3)",
                "none: only the report is redrawn")]
