@@ -209,11 +209,9 @@ def _fit(a: argparse.Namespace) -> None:
 
     det = create(a.detector, **_pairs(a.param, "--param"))
     loaded, suite = resolve(a.model, _data_spec(a), a.weights, a.data_root, a.device, a.fit_subset)
-    if det.needs == "model":
-        print(f"note: {det.name} also needs the model when scoring", file=sys.stderr)
-    if det.fits_on == "val":
-        data = fit_data(det, suite)
-        print(f"note: {det.name} fits on held-out ID data: {data.name} ({len(data)} images)", file=sys.stderr)
+    data = fit_data(det, suite)
+    print(f"note: {det.name} {det.requirements()}" + (f": {data.name} ({len(data)} images)" if data else ""),
+          file=sys.stderr)
     path = fit_detector(det, loaded.model, loaded.model_id, suite, device=a.device).save(a.out)
     print(f"saved {det!r} to {path}")
 
@@ -271,11 +269,8 @@ def _list(_: argparse.Namespace) -> None:
     for name in sorted(REGISTRY):
         det = REGISTRY[name]()
         export = "exports" if det.export_refusal is None else f"no export ({det.export_refusal})"
-        train = (", no training features" if not det.needs_train else
-                 ", fits on held-out ID data (the suite's ID validation set, else a seeded 10% of ID train)"
-                 if det.fits_on == "val" else "")
         notes = f"; {det.notes}" if det.notes else ""
-        print(f"  {name:14s} {json.dumps(det.config())}  needs {det.needs}{train}; {export}{notes}")
+        print(f"  {name:14s} {json.dumps(det.config())}  {det.requirements()}; {export}{notes}")
     print("training:   " + ", ".join(sorted(OBJECTIVES)))
     print("archs:      " + ", ".join(ARCHS))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data.sources import folder
-from .detectors.base import Detector, score_with_model
+from .detectors.base import Detector
 from .features import extract
 from .models.loaders import LoadedModel
 from .runtime import write_csv
@@ -22,13 +22,7 @@ def score_folder(detector: Detector, loaded: LoadedModel, images: str | Path, ou
     """
     data = folder.load(images, prep=loaded.prep)
     feats = extract(loaded.model, data, device=device, strict=strict)
-    if detector.needs == "model":
-        if feats.skipped:
-            raise ValueError(f"{len(feats.skipped)} images could not be read and {detector.name} must see every "
-                             "image: remove them, or use --strict to list the first")
-        scores = score_with_model(detector, loaded.model, data, device=device)
-    else:
-        scores = detector.score(feats)
+    scores = detector.score_on(loaded.model, data, feats, device=device)
     values = iter(scores.tolist())
     skipped = set(feats.skipped)
     files: list[Path] = data.dataset.files  # type: ignore[attr-defined]

@@ -50,7 +50,8 @@ def test_train_bench_fit_score(tiny_registered, tmp_path, capsys):
     capsys.readouterr()
     assert main(["fit", "temp-scaling", "--suite", "tiny", "--checkpoint", str(ckpt), "--out", str(tmp_path / "ts"),
                  "--device", "cpu"]) == 0
-    assert "fits on held-out ID data: tiny-train-held-out (10 images)" in capsys.readouterr().err
+    assert "fits on held-out ID data (the suite's ID validation set, else a seeded 10% of ID train): " \
+           "tiny-train-held-out (10 images)" in capsys.readouterr().err
     from PIL import Image
 
     imgs = tmp_path / "imgs"

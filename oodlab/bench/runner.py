@@ -2,11 +2,11 @@
 
 Features of every data set are extracted once (and cached on disk), then every detector runs on
 them, so a sweep of N detectors costs one forward pass per data set, not N. Detectors that must
-see the input (``needs = "model"``) go back to the model for the evaluation sets only. A data set
-no detector of the run reads is not extracted at all: the ID training set only when some detector
-fits on it (``needs_train``) and has not been fitted on it before, the OOD sets only when some
-detector scores features. Detectors with ``fits_on = "val"`` fit on the suite's held-out ID set
-(:meth:`Suite.held_out`) instead of ID train.
+see the input go back to the model for the evaluation sets only (the detector decides:
+:meth:`Detector.fit_on` / :meth:`Detector.score_on`). A data set no detector of the run reads is not
+extracted at all (:meth:`Detector.feature_sets`): the ID training set only when some detector fits
+on its features and has not been fitted on them before, the held-out ID set likewise for detectors
+that fit on it, the OOD sets only when some detector scores features.
 
 Next to the feature cache, fitted detector states (keyed by model, training set and detector
 settings) and the per-sample scores of model-path detectors (keyed by model, data set and
@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..data.suites import Suite
-from ..detectors.base import Detector, fit_data, fit_with_model, score_with_model
+from ..detectors.base import Detector, fit_data
 from .. import distributed
 from ..features import FeatureCache, FeatureSource
 from ..metrics import bootstrap_ci, evaluate
@@ -151,7 +151,7 @@ def _load_checked(path: Path, what: str, redo: str) -> dict[str, torch.Tensor] |
 
 def _load_fit(ctx: BenchContext, det: Detector) -> bool:
     """Restore ``det``'s state fitted earlier on this model's training features; True if there was one."""
-    if not det.needs_train:
+    if fit_data(det, ctx.suite) is None:  # it reads only the head: nothing worth caching
         return False
     state = _load_checked(_fit_path(ctx, det), "fitted-detector", "refitting")
     if state is None:
@@ -165,15 +165,14 @@ def _save_fit(ctx: BenchContext, det: Detector) -> None:
 
 
 def _score(det: Detector, ctx: BenchContext, feats: FeatureSource | None, data) -> torch.Tensor:
-    if det.needs == "features":
-        assert feats is not None
-        return det.score(feats)
-    batch = min(ctx.batch_size, 256)
-    path = _cached(ctx, "scores", data.fingerprint, detector_key(det), str(batch)).with_suffix(".safetensors")
+    """Scores of one data set; those that go back to the model (no feature set read) are cached by content."""
+    if "eval" in det.feature_sets():
+        return det.score_on(ctx.model, data, feats, device=ctx.device)
+    path = _cached(ctx, "scores", data.fingerprint, detector_key(det), str(det.model_batch)).with_suffix(".safetensors")
     cached = _load_checked(path, "score", "recomputing")
     if cached is not None:
         return cached["scores"]
-    scores = score_with_model(det, ctx.model, data, batch, ctx.device)
+    scores = det.score_on(ctx.model, data, device=ctx.device)
     _save_checked(path, {"scores": scores})
     return scores
 
@@ -193,36 +192,23 @@ def run_detectors(ctx: BenchContext, detectors: list[Detector]) -> list[dict[str
     todo = [d for d in detectors if not set(ctx.suite.ood) <= have.get((detector_key(d), ctx.model_id), set())]
     if todo:
         cached = {id(d) for d in todo if _load_fit(ctx, d)}
-        train, test, oods = ctx.features(train=any(_reads(d, "train") and id(d) not in cached for d in todo),
-                                         ood=any(d.needs == "features" for d in todo))
+        train, test, oods = ctx.features(train=any("train" in d.feature_sets() and id(d) not in cached for d in todo),
+                                         ood=any("eval" in d.feature_sets() for d in todo))
         held = _held_out_features(ctx, [d for d in todo if id(d) not in cached])
         if not distributed.is_main():
             return []
         for det in progress(todo, desc="detectors", unit="detector", leave=True):
-            _run_one(ctx, det, held if det.fits_on == "val" else train, test, oods, id(det) in cached)
+            _run_one(ctx, det, held if "val" in det.feature_sets() else train, test, oods, id(det) in cached)
     keys = {detector_key(d) for d in detectors}
     return [r for r in load_rows(out) if r["key"] in keys and r["model_id"] == ctx.model_id]
 
 
-def _reads(det: Detector, which: str) -> bool:
-    """Whether fitting ``det`` reads the cached features of ``which`` ("train": ID train, "val": the held-out ID set)."""
-    return det.needs == "features" and det.needs_train and det.fits_on == which
-
-
 def _held_out_features(ctx: BenchContext, detectors: list[Detector]) -> FeatureSource | None:
-    """Features of the suite's held-out ID set (:meth:`Suite.held_out`) when a feature-path detector fits on
-    it (``fits_on = "val"``); every rank takes part in the extraction, as for the other sets."""
-    if not any(_reads(d, "val") for d in detectors):
+    """Features of the suite's held-out ID set (:meth:`Suite.held_out`) when a detector fits on its features;
+    every rank takes part in the extraction, as for the other sets."""
+    if not any("val" in d.feature_sets() for d in detectors):
         return None
     return ctx.cache.get(ctx.model, ctx.model_id, ctx.suite.held_out(), ctx.batch_size, ctx.device, lazy=True)
-
-
-def _fit(ctx: BenchContext, det: Detector, train: FeatureSource | None) -> None:
-    """Fit ``det`` on ``train`` (the features it reads, see :func:`_reads`), or through the model on its images."""
-    if det.needs == "model" and det.needs_train:
-        fit_with_model(det, ctx.model, fit_data(det, ctx.suite), min(ctx.batch_size, 256), ctx.device)
-    else:
-        det.fit(train if det.needs_train else None, ctx.model.head)
 
 
 def _run_one(ctx: BenchContext, det: Detector, train: FeatureSource | None, test: FeatureSource,
@@ -230,8 +216,9 @@ def _run_one(ctx: BenchContext, det: Detector, train: FeatureSource | None, test
     key = detector_key(det)
     t0 = time.perf_counter()
     if not fit_cached:
-        _fit(ctx, det, train)
-        if det.needs_train:
+        data = fit_data(det, ctx.suite)
+        det.fit_on(ctx.model, data, train if det.feature_sets() - {"eval"} else None, device=ctx.device)
+        if data is not None:
             _save_fit(ctx, det)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -1,23 +1,19 @@
-"""The detector contract and the registry by name.
+"""The detector contract, the registry by name, and the one features-or-model dispatch.
 
-A detector follows scikit-learn's estimator habits: the constructor only stores hyperparameters
-(the paper's defaults), :meth:`Detector.fit` learns from **ID training features only** and returns
+A detector follows scikit-learn's estimator habits: the constructor validates and stores its
+hyperparameters (the paper's defaults), :meth:`Detector.fit` learns from **ID data only** and returns
 ``self``, :meth:`Detector.score` gives one float64 score per sample with **higher = more ID**.
 Learned state is a flat ``dict[str, Tensor]`` saved as safetensors + JSON, never pickled.
 
 Most detectors read only cached :class:`~oodlab.features.Features` and the head (``needs =
-"features"``). The few that must see the input (``needs = "model"``) implement
-:meth:`Detector.score_inputs` and are run batch by batch through :func:`score_with_model`.
-A detector that learns nothing from ID training features beyond the head says so with
-``needs_train = False``; the runner then never extracts the training set for it.
-
-Where a method fits on held-out ID data (KL-Matching, temperature scaling, AdaSCALE: the papers and
-OpenOOD use the ID validation set), the detector says ``fits_on = "val"``: :meth:`Detector.fit` then
-receives the features of :meth:`Suite.held_out <oodlab.data.suites.Suite.held_out>` (the suite's ID
-validation set, or a seeded 10% of ID train where it has none) instead of ID train.
-:func:`fit_data` names the images a detector fits on and :func:`fit_detector` fits it from a suite, for
-every command alike. A model-path detector that learns from ID images (``needs = "model"`` with
-``needs_train``) implements :meth:`Detector.fit_inputs` and is fitted by :func:`fit_with_model`.
+"features"``); the few that must see the input (``needs = "model"``) implement
+:meth:`Detector.score_inputs` (and, when they learn from ID images, :meth:`Detector.fit_inputs`).
+Callers never branch on that: :meth:`Detector.fit_on` and :meth:`Detector.score_on` take the model,
+the images and (when the caller has them) their features, and take the path the detector needs;
+:meth:`Detector.feature_sets` says which cached feature sets a run must extract for it, and
+:func:`fit_data` which ID images it fits on (ID train; the suite's held-out ID data for ``fits_on =
+"val"`` methods such as KL-Matching, as their papers and OpenOOD do; none for ``needs_train = False``).
+Model-path passes run in batches of :attr:`Detector.model_batch`.
 
 Feature-path detectors whose score is plain tensor arithmetic implement
 :meth:`Detector.tensor_score` (one batch of ``z`` and logits in, scores out, no Python branching on
@@ -42,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..data.base import ImageSet, batches
-from ..features import FeatureCache, Features, FeatureSource, StoredFeatures, chunk_rows
+from ..features import FeatureCache, Features, FeatureSource, StoredFeatures, chunk_rows, extract
 from ..models.adapter import Classifier, inference_input
 from ..runtime import atomic_path, atomic_write_text, default_device, progress
 
@@ -74,6 +70,7 @@ class Detector(ABC):
     needs_train: ClassVar[bool] = True  # False: fit reads only the head, so no training features are needed
     fits_on: ClassVar[str] = "train"  # "val": fit reads held-out ID data (Suite.held_out), not ID train
     score_chunk: ClassVar[int] = 65536  # rows per call of tensor_score in score(): bounds memory, not results
+    model_batch: ClassVar[int] = 256  # images per model-path pass (fit_on / score_on): bounds memory, not results
     notes: ClassVar[str] = ""  # what a user must know about a variant or placement (shown by `oodlab list`)
 
     def __init__(self) -> None:
@@ -120,6 +117,67 @@ class Detector(ABC):
         if s.shape != (len(feats),):
             raise AssertionError(f"{self.name} returned scores of shape {tuple(s.shape)}")
         return s
+
+    def fit_on(self, model: Classifier, data: ImageSet | None, features: FeatureSource | None = None, *,
+               device: torch.device | str | None = None) -> Self:
+        """Fit on the ID images ``data`` (what :func:`fit_data` names; None when the detector reads only the
+        head) through the path it needs: their ``features`` (extracted here when not given) and the head, or
+        the images through ``model`` for model-path detectors that learn from images."""
+        if self.needs == "model" and self.needs_train:
+            if data is None:
+                raise ValueError(f"{self.name} learns from ID images through the model: pass them")
+            return fit_with_model(self, model, data, self.model_batch, device)
+        if not self.needs_train:
+            return self.fit(None, model.head)
+        if features is None:
+            if data is None:
+                raise ValueError(f"{self.name} learns from ID training features: pass the images or their features")
+            features = extract(model, data, device=device)
+        return self.fit(features, model.head)
+
+    def score_on(self, model: Classifier, data: ImageSet | None, features: FeatureSource | None = None, *,
+                 device: torch.device | str | None = None) -> Tensor:
+        """Scores of the images ``data`` through the path the detector needs: their ``features`` (extracted
+        here when not given), or the images through ``model``. Model-path detectors must see every image:
+        features with unreadable images (``skipped``) are refused."""
+        if self.needs == "model":
+            if data is None:
+                raise ValueError(f"{self.name} must see the images: pass an ImageSet, not features")
+            if features is not None and features.skipped:
+                raise ValueError(f"{len(features.skipped)} images of {data.name} could not be read and {self.name} "
+                                 "must see every image: remove them, or use --strict to list the first")
+            return score_with_model(self, model, data, self.model_batch, device)
+        if features is None:
+            if data is None:
+                raise ValueError(f"{self.name} scores features: pass the images or their features")
+            features = extract(model, data, device=device)
+        return self.score(features)
+
+    def score_batch(self, model: Classifier, x: Tensor, features: Features) -> Tensor:
+        """Scores of one batch of inputs ``x`` already on ``model``'s device, whose ``features`` (z and logits,
+        on the CPU) the caller computed: what a guard runs per batch."""
+        if self.needs == "model":
+            return self.score_inputs(model, x).double().cpu()
+        return self.score(features)
+
+    def feature_sets(self) -> frozenset[str]:
+        """The cached feature sets a run extracts for this detector: ``"train"`` / ``"val"`` when its fit reads
+        the features of ID train / the held-out ID set, ``"eval"`` when it scores features."""
+        reads = set()
+        if self.needs == "features":
+            reads.add("eval")
+            if self.needs_train:
+                reads.add(self.fits_on)
+        return frozenset(reads)
+
+    def requirements(self) -> str:
+        """What the detector reads, in words (``oodlab list``, ``oodlab fit``)."""
+        what = "needs the model (it must see the input image)" if self.needs == "model" else "needs features"
+        if not self.needs_train:
+            return what + ", no training features"
+        if self.fits_on == "val":
+            return what + ", fits on held-out ID data (the suite's ID validation set, else a seeded 10% of ID train)"
+        return what
 
     def logits(self, feats: Features) -> Tensor:
         """Logits this method classifies with (differs from the model's when it edits z or the head)."""
@@ -327,9 +385,7 @@ def fit_detector(detector: Detector, model: Classifier, model_id: str, suite: Su
     """Fit ``detector`` for ``model`` on what it reads from ``suite`` (:func:`fit_data`): features from the
     (on-disk, streamed) ``cache``, or images through the model for model-path fits. Returns the detector."""
     data = fit_data(detector, suite)
-    if data is None:
-        return detector.fit(None, model.head)
-    if detector.needs == "model":
-        return fit_with_model(detector, model, data, min(batch_size, 256), device)
-    feats = (cache or FeatureCache()).get(model, model_id, data, batch_size, device, lazy=True)
-    return detector.fit(feats, model.head)
+    feats = None
+    if detector.feature_sets() - {"eval"}:
+        feats = (cache or FeatureCache()).get(model, model_id, data, batch_size, device, lazy=True)
+    return detector.fit_on(model, data, feats, device=device)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.sources import folder
-from ..detectors.base import create, fit_detector
+from ..detectors.base import create, fit_data, fit_detector
 from ..features import FeatureCache
 from ..runtime import write_csv
 from ..specs import DataSpec, resolve
@@ -24,15 +24,15 @@ def build_guard(detector: str, suite: DataSpec = "fashionmnist", checkpoint: str
     ``checkpoint`` is any model spec (see :func:`oodlab.specs.resolve`). Calibration uses
     :meth:`Suite.calibration_split`: the suite's ID validation set, or a seeded half of its ID test
     set (the other half stays for evaluating the guard). A detector that fits on held-out ID data
-    (``fits_on = "val"``) fits on the validation set, so it is then calibrated on a seeded half of ID test.
+    fits on the validation set, so it is then calibrated on a seeded half of ID test: a guard is never
+    calibrated on the images its detector was fitted on.
     """
     det = create(detector, **(params or {}))
     loaded, suite_obj = resolve(checkpoint, suite, weights, data_root, device, fit_subset, seed)
     fit_detector(det, loaded.model, loaded.model_id, suite_obj, FeatureCache(), device=device)
-    if det.fits_on == "val" and suite_obj.id_val is not None:  # fitted on id_val: calibrate on unseen ID data
+    calibration, _ = suite_obj.calibration_split(seed)
+    if fit_data(det, suite_obj) is calibration:  # fitted on id_val: calibrate on unseen ID data
         calibration, _ = suite_obj.id_test.split(len(suite_obj.id_test) // 2, seed)
-    else:
-        calibration, _ = suite_obj.calibration_split(seed)
     guard = Guard(loaded.model, det, loaded.prep, loaded.meta, device)
     return guard.calibrate(calibration, alpha=alpha, tpr=tpr)
 

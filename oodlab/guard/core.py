@@ -31,7 +31,7 @@ from typing_extensions import Self
 
 from ..data.base import ImageSet
 from ..data.preprocessing import Preprocessing
-from ..detectors.base import Detector, load_detector, score_with_model
+from ..detectors.base import Detector, load_detector
 from ..features import Features, extract
 from ..models.adapter import Classifier, inference_input
 from ..models.zoo import load_checkpoint, save_checkpoint, state_fingerprint
@@ -149,10 +149,7 @@ class Guard:
         xd = inference_input(x, self.device)
         z = self._fast.features(xd)
         logits = self._fast.head(z).float().cpu()
-        if self.detector.needs == "model":
-            scores = self.detector.score_inputs(self._fast, xd).double().cpu()
-        else:
-            scores = self.detector.score(Features(z.float().cpu(), logits))
+        scores = self.detector.score_batch(self._fast, xd, Features(z.float().cpu(), logits))
         return self.decide(logits, scores, fdr)
 
     def predict(self, images: ImageSet | Features, fdr: float | None = None, strict: bool = False) -> GuardOutput:
@@ -175,9 +172,7 @@ class Guard:
 
     def _scores(self, data: ImageSet | Features, strict: bool = False) -> tuple[Tensor, Tensor, tuple[int, ...]]:
         if isinstance(data, Features):
-            if self.detector.needs == "model":
-                raise ValueError(f"{self.detector.name} must see the images: pass an ImageSet, not features")
-            return data.logits, self.detector.score(data), data.skipped
+            return data.logits, self.detector.score_on(self.model, None, data, device=self.device), data.skipped
         if not isinstance(data, ImageSet):
             raise TypeError(f"expected an ImageSet or Features, got {type(data).__name__}")
         if len(data) == 0:
@@ -187,12 +182,7 @@ class Guard:
             raise ValueError(f"{data.name} has images of shape {tuple(first.shape)}; this guard's model takes "
                              f"{self.input_shape} (channels, height, width)")
         feats = extract(self.model, data, device=self.device, strict=strict)
-        if self.detector.needs == "model":
-            if feats.skipped:
-                raise ValueError(f"{len(feats.skipped)} images of {data.name} could not be read; "
-                                 f"{self.detector.name} must see every image: remove them first")
-            return feats.logits, score_with_model(self.detector, self.model, data, device=self.device), ()
-        return feats.logits, self.detector.score(feats), feats.skipped
+        return feats.logits, self.detector.score_on(self.model, data, feats, device=self.device), feats.skipped
 
     def _check_batch(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 4:

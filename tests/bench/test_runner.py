@@ -88,13 +88,13 @@ def test_second_run_reuses_fitted_detectors_and_model_path_scores(trained, tmp_p
     cache = FeatureCache(tmp_path / "cache" / "features")
     first = run_detectors(BenchContext(suite, model, "m", tmp_path / "a", cache, device="cpu"),
                           [create("knn", k=3), create("flow", blocks=2), create("odin")])
-    import oodlab.bench.runner as runner
+    import oodlab.detectors.base as base
     import oodlab.features.extraction as features
 
     seen = []
     real = features.extract
     monkeypatch.setattr(features, "extract", lambda m, data, *a, **k: seen.append(data.name) or real(m, data, *a, **k))
-    monkeypatch.setattr(runner, "score_with_model", lambda *a, **k: pytest.fail("ODIN ran again"))
+    monkeypatch.setattr(base, "score_with_model", lambda *a, **k: pytest.fail("ODIN ran again"))
     again = run_detectors(BenchContext(suite, model, "m", tmp_path / "b", FeatureCache(cache.root), device="cpu"),
                           [create("knn", k=3), create("flow", blocks=2), create("odin")])
     assert seen == []  # every feature set came from the cache, and no training set was needed

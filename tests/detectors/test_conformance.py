@@ -3,20 +3,16 @@
 import pytest
 import torch
 
-from oodlab.detectors import REGISTRY, NotFittedError, available, create, fit_with_model, load_detector, score_with_model
+from oodlab.detectors import REGISTRY, NotFittedError, available, create, load_detector
 
 
 def scores(det, feats, data, model):
-    if det.needs == "model":
-        return score_with_model(det, model, data, batch_size=16, device="cpu")
-    return det.score(feats)
+    return det.score_on(model, data, feats, device="cpu")
 
 
 def fit(det, tiny):
     """Fit on the tiny ID training set (for ``fits_on = "val"`` detectors it stands in for held-out ID data)."""
-    if det.needs == "model" and det.needs_train:
-        return fit_with_model(det, tiny.model, tiny.train_set, batch_size=16, device="cpu")
-    return det.fit(tiny.train, tiny.model.head)
+    return det.fit_on(tiny.model, tiny.train_set, tiny.train, device="cpu")
 
 
 @pytest.mark.parametrize("name", available())
@@ -46,7 +42,7 @@ def test_detector_contract(name, tiny, tmp_path):
     assert torch.equal(scores(again, tiny.ood, tiny.ood_set, tiny.model), s_ood)
 
 
-@pytest.mark.parametrize("name", [n for n in available() if REGISTRY[n].needs == "features"])
+@pytest.mark.parametrize("name", [n for n in available() if "eval" in create(n).feature_sets()])
 def test_wrong_feature_width_is_refused(name, tiny):
     det = fit(create(name), tiny)
     narrow = type(tiny.test)(tiny.test.z[:, :-1], tiny.test.logits)

@@ -37,7 +37,7 @@ def _maps(z: torch.Tensor) -> torch.Tensor:
 
 def _oodlab(name: str, head: nn.Linear, train: Features, test: Features, **params) -> torch.Tensor:
     det = create(name, **params)
-    return det.fit(train if det.needs_train else None, head).score(test)
+    return det.fit(train if det.feature_sets() - {"eval"} else None, head).score(test)
 
 
 def _peer(head: nn.Linear, train: Features, test: Features, name: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ from oodlab.detectors.stats import percentile
 from oodlab.features import Features, StoredFeatures, core
 from oodlab.features.store import write_features
 
-FITTED = [n for n in available() if REGISTRY[n].needs == "features" and REGISTRY[n].needs_train]
+FITTED = [n for n in available() if create(n).feature_sets() - {"eval"}]
 
 
 def stored(feats: Features, path, shard_rows: int) -> StoredFeatures:
@@ -27,7 +27,10 @@ def test_streaming_fit_equals_in_memory_fit(name, tiny, tmp_path, monkeypatch):
     streamed = create(name).fit(disk, tiny.model.head)
     assert memory.state.keys() == streamed.state.keys()
     for k, v in memory.state.items():
-        assert torch.allclose(streamed.state[k].double(), v.double(), rtol=1e-9, atol=1e-11), (name, k)
+        # float64 sums in another order; relative to the largest entry, since a near-singular covariance's
+        # pseudo-inverse (dead units: entries ~5e6 here) amplifies their rounding in its small entries
+        scale = float(v.double().abs().max()) if v.numel() else 0.0
+        assert torch.allclose(streamed.state[k].double(), v.double(), rtol=1e-9, atol=1e-11 + 1e-11 * scale), (name, k)
     test = stored(tiny.test, tmp_path / "test", 7)
     # float32 arithmetic (KNN, NNGuide banks) on chunks of other shapes may round differently
     assert torch.allclose(streamed.score(test), memory.score(tiny.test), rtol=1e-6, atol=1e-9)

@@ -22,10 +22,10 @@ from oodlab.metrics import evaluate
 from oodlab.models import CheckpointError, build, load_checkpoint, save_checkpoint
 from oodlab.models.loaders import load_model
 
-FEATURE_PATH = [n for n in available() if REGISTRY[n].needs == "features"]
-MODEL_PATH = [n for n in available() if REGISTRY[n].needs == "model"]
+FEATURE_PATH = [n for n in available() if "eval" in create(n).feature_sets()]
+MODEL_PATH = [n for n in available() if "eval" not in create(n).feature_sets()]
 # fit(features, head): every detector but those that learn from images through the model (fit_with_model)
-FITS_FEATURES = [n for n in available() if not (REGISTRY[n].needs == "model" and REGISTRY[n].needs_train)]
+FITS_FEATURES = [n for n in available() if n in FEATURE_PATH or not REGISTRY[n].needs_train]
 INF_ALLOWED = {("react", "threshold"), ("dice-react", "threshold")}  # float("inf"): no clipping
 VOLATILE = ("fit_s", "score_s", "fit_cached")  # timings, and whether the fit came from the cache
 
