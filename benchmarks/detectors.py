@@ -17,6 +17,7 @@ from typing import Any
 
 from results_doc import write_section
 
+from oodlab.specs import RunSpec
 from oodlab.bench import run_bench
 from oodlab.bench.report import KINDS, summary_rows
 from oodlab.data.suites import load_suite
@@ -52,7 +53,7 @@ def main() -> None:
         suite = load_suite(name)
         ckpt = default_checkpoint(suite)
         with tempfile.TemporaryDirectory() as out:
-            rows = run_bench(suite, detectors, ckpt, Path(out), verbose=False)
+            rows = run_bench(RunSpec(ckpt, data=suite), detectors=detectors, out_dir=Path(out), verbose=False)
         groups = ", ".join(f"{g}: {', '.join(v)}" for g, v in suite.groups.items() if v)
         parts.append(f"### {name}\n\nDefault checkpoint `{Path(ckpt).parent.name}` ({rows[0]['model_id']}); "
                      f"OOD sets ({groups}; synthetic: {', '.join(suite.synthetic) or 'none'}). Cells are AUROC / FPR95 in %.\n\n"

@@ -39,6 +39,7 @@ os.environ.setdefault("OODLAB_QUIET", "1")
 os.environ.setdefault("OODLAB_WORKERS", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from oodlab.specs import RunSpec
 from oodlab.bench import load_rows, load_scores  # noqa: E402
 from oodlab.cli import main  # noqa: E402
 
@@ -335,7 +336,7 @@ def api_cases(lab: Lab) -> list[Case]:
     def case(name: str, fn: Callable[[], object], lost: str = "none: refused before any work") -> None:
         out.append((name, _api(fn), api, lost))
 
-    loaded, suite = resolve(str(lab.ckpt), str(lab.suite), device="cpu")
+    loaded, suite = resolve(RunSpec(str(lab.ckpt), data=str(lab.suite), device="cpu"))
     model = loaded.model
     train = extract(model, suite.id_train, device="cpu")
     test = extract(model, suite.id_test, device="cpu")

@@ -43,6 +43,7 @@ import torch
 from crosscheck import Data, cases
 from results_doc import write_section
 
+from oodlab.specs import RunSpec
 from oodlab.bench import api as bench_api
 from oodlab.bench import run_bench
 from oodlab.bench import runner as bench_runner
@@ -153,7 +154,7 @@ def oodlab_run(suite: Suite, ckpt: Path, detectors: list[str], cache: Path,
     bench_runner.bootstrap_ci = _timed(ci, ci_s)
     try:
         t0, c0 = time.perf_counter(), time.process_time()
-        rows = run_bench(suite, detectors, ckpt, out, verbose=False)
+        rows = run_bench(RunSpec(ckpt, data=suite), detectors=detectors, out_dir=out, verbose=False)
         CPU.setdefault(out.name, []).append(time.process_time() - c0)
         return time.perf_counter() - t0, sum(report_s), sum(ci_s), rows
     finally:

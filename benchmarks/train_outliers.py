@@ -25,6 +25,7 @@ from statistics import mean, median, stdev
 
 import torch
 
+from oodlab.specs import RunSpec
 from oodlab.data.auxiliary import aux_source
 from oodlab.data.base import ImageSet, batches
 from oodlab.data.suites import Suite, load_suite
@@ -49,7 +50,7 @@ def base_checkpoint(suite: Suite, seed: int, out: Path) -> Path:
     """ERM with the default recipe: the suite's default model for seed 0, trained here for other seeds."""
     if seed == 0:
         return default_checkpoint(suite)
-    return train_on_suite(suite, out / f"erm-base-seed{seed}", config=default_config(suite.name, seed=seed))
+    return train_on_suite(RunSpec(data=suite), out / f"erm-base-seed{seed}", config=default_config(suite.name, seed=seed))
 
 
 def evaluate_model(ckpt: Path, suite: Suite) -> dict:
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace, suite: Suite, aux: ImageSet) -> list[dict]:
                               weight_decay=5e-4)
             options = {} if method == "erm" else {"aux": aux}
             run_dir = out / f"{method}-seed{seed}"
-            ckpt = train_on_suite(ft_suite, run_dir, method=method, config=cfg, init_from=base, method_options=options)
+            ckpt = train_on_suite(RunSpec(base, data=ft_suite), run_dir, method=method, config=cfg, method_options=options)
             history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
             steps = args.epochs * -(-len(ft_suite.id_train) // args.batch_size)
             rows.append({"method": method, "seed": seed, "train_s": sum(h["seconds"] for h in history), "steps": steps,

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from results_doc import ROOT, write_section
 
+from oodlab.specs import RunSpec
 from oodlab.bench import run_bench
 from oodlab.bench.report import summary_rows
 from oodlab.data.base import ArrayDataset, ImageSet, tensor_fingerprint
@@ -108,7 +109,7 @@ def tracked_erm(setting: Setting, seed: int, a: argparse.Namespace,
     torch.set_num_threads(setting.threads or threads)
     try:
         check_compute(run)
-        final = train_on_suite(data[0], run, config=cfg, hooks=[tracking_hook(data[1], run)], verbose=False)
+        final = train_on_suite(RunSpec(data=data[0]), run, config=cfg, hooks=[tracking_hook(data[1], run)], verbose=False)
     finally:
         torch.set_num_threads(threads)
     return final, history(run), data
@@ -160,7 +161,7 @@ def replicate(a: argparse.Namespace, out: Path) -> str:
                           TrainConfig(epochs=a.um_epochs, lr=a.replicate_lr, **BASE), flood_options("um", c))
         close = best_within_budget(rows)
         ckpts = {"final": final, "best": final.parent / f"epoch-{close:03d}.safetensors", "um": um}
-        s = {k: summary(run_bench(test_suite, ["energy"], p, out / "bench" / f"seed{seed}-{k}", verbose=False), "energy")
+        s = {k: summary(run_bench(RunSpec(p, data=test_suite), detectors=["energy"], out_dir=out / "bench" / f"seed{seed}-{k}", verbose=False), "energy")
              for k, p in ckpts.items()}
         acc = {k: 100 * v["id_acc"] for k, v in s.items()}
         auroc = {k: 100 * v["mean"]["auroc"] for k, v in s.items()}
@@ -296,7 +297,7 @@ def fine_tune(method: str, train_suite: Suite, val: Suite, init_from: Path, star
     """Run UM or UMAP from ``init_from``; returns the checkpoint and the curve with ``start`` (the tracked
     validation row of ``init_from``, already in its training history) as epoch 0."""
     check_compute(out)
-    ckpt = train_on_suite(train_suite, out, method=method, config=cfg, init_from=init_from, method_options=options,
+    ckpt = train_on_suite(RunSpec(init_from, data=train_suite), out, method=method, config=cfg, method_options=options,
                           hooks=[tracking_hook(val, out)], verbose=False)
     return ckpt, [{**start, "epoch": 0}, *history(out)]
 
@@ -420,7 +421,7 @@ def main() -> None:
                   pick[0], train_suite, val, final, erm[-1], out / "pick" / f"seed{seed}",
                   TrainConfig(epochs=a.um_epochs, lr=pick[2], seed=seed, **BASE), flood_options(*pick[:2]))[0])
                  for seed in a.pick_seeds}}
-    results = {key: run_bench(test_suite, ["energy", "msp"], ckpt, out / "bench" / key, verbose=False)
+    results = {key: run_bench(RunSpec(ckpt, data=test_suite), detectors=["energy", "msp"], out_dir=out / "bench" / key, verbose=False)
                for key, (_, ckpt) in models.items()}
 
     FIGURES.mkdir(parents=True, exist_ok=True)

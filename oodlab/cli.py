@@ -63,12 +63,22 @@ def _model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 def _data_spec(a: argparse.Namespace):
     from .specs import SuiteFlags
 
-    given = [f for f in ("id_train", "id_test") if getattr(a, f)]
-    if not given and not a.ood and not a.id_val:
-        return a.suite
+    given = [f for f in ("id_train", "id_test") if getattr(a, f, None)]
+    if not given and not getattr(a, "ood", None) and not getattr(a, "id_val", None):
+        return getattr(a, "suite", "fashionmnist")
     if len(given) < 2:
         raise ValueError("your own data needs both --id-train and --id-test (and at least one --ood)")
     return SuiteFlags(a.id_train, a.id_test, a.ood or [], a.id_val)
+
+
+def _spec(a: argparse.Namespace):
+    """The one run spec of a command, from its flags (``train``: the model is the checkpoint to fine-tune)."""
+    from .specs import RunSpec
+
+    model = a.init_from if a.cmd == "train" else getattr(a, "model", None)
+    return RunSpec(model=model, weights=getattr(a, "weights", None), data=_data_spec(a),
+                   data_root=getattr(a, "data_root", None), device=a.device, fit_subset=getattr(a, "fit_subset", None),
+                   seed=getattr(a, "seed", 0), retrain=getattr(a, "retrain", False))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,74 +167,37 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(a: argparse.Namespace) -> None:
-    from .training.recipes import default_config, train_on_suite
+    from .training.recipes import train_on_suite
 
-    overrides = {k: v for k, v in {"epochs": a.epochs, "lr": a.lr, "batch_size": a.batch_size, "seed": a.seed,
+    overrides = {k: v for k, v in {"epochs": a.epochs, "lr": a.lr, "batch_size": a.batch_size,
                                    "weight_decay": a.weight_decay, "optimizer": a.optimizer,
                                    "schedule": a.schedule}.items() if v is not None}
     if a.no_augment:
         overrides["augment"] = False
     options = _pairs(a.option, "--option")
     options.update({k: v for k, v in {"aux": a.aux, "constraint": a.constraint}.items() if v is not None})
-    data = _data_spec(a)
-    suite = data
-    if not isinstance(data, str) or data.endswith(".toml"):  # the user's data, read as the architecture takes it
-        import dataclasses
-
-        from .models.loaders import arch_preprocessing
-        from .specs import resolve_suite
-
-        if a.init_from is None and a.arch is None:
-            raise ValueError("training on your own data needs --arch (see `oodlab list`) or --from CHECKPOINT")
-        if a.track_ood:
-            raise ValueError("--track-ood works with the built-in suites only")
-        arch = a.arch or json.loads(Path(a.init_from).with_suffix(".json").read_text())["arch"]
-        suite = resolve_suite(data, arch_preprocessing(arch), a.data_root)
-        if a.fit_subset:
-            suite = dataclasses.replace(suite, id_train=suite.id_train.subset(a.fit_subset, a.seed))
-    elif a.fit_subset:
-        raise ValueError("--fit-subset with a built-in suite: train on the full set, or describe a subset in a suite file")
-    name = suite if isinstance(suite, str) else suite.name
-    out = a.out or f"runs/train-{name}-{a.method}-seed{a.seed}"
-    hooks = None
-    if a.track_ood:
-        from .training.tracking import track_ood_hook
-
-        hooks = [track_ood_hook(a.suite, a.data_root, a.device, run_dir=out)]
-    train_on_suite(suite, out, method=a.method, arch=a.arch, config=default_config(name, **overrides),
-                   init_from=a.init_from, method_options=options, hooks=hooks, data_root=a.data_root, device=a.device)
+    train_on_suite(_spec(a), a.out, method=a.method, arch=a.arch, config=overrides, method_options=options,
+                   track_ood=a.track_ood)
 
 
 def _bench(a: argparse.Namespace) -> None:
     from .bench import run_bench
 
-    run_bench(_data_spec(a), a.detectors, a.model, a.out, _detector_params(a.param), a.data_root, a.batch_size,
-              a.device, command=shlex.join(["oodlab", *a.argv]), retrain=a.retrain, weights=a.weights,
-              fit_subset=a.fit_subset, cache_dtype=a.cache_dtype)
+    run_bench(_spec(a), detectors=a.detectors, out_dir=a.out, params=_detector_params(a.param),
+              batch_size=a.batch_size, command=shlex.join(["oodlab", *a.argv]), cache_dtype=a.cache_dtype)
 
 
 def _fit(a: argparse.Namespace) -> None:
-    from .detectors import create, fit_data, fit_detector
-    from .specs import resolve
+    from .scoring import fit_and_save
 
-    det = create(a.detector, **_pairs(a.param, "--param"))
-    loaded, suite = resolve(a.model, _data_spec(a), a.weights, a.data_root, a.device, a.fit_subset)
-    data = fit_data(det, suite)
-    print(f"note: {det.name} {det.requirements()}" + (f": {data.name} ({len(data)} images)" if data else ""),
-          file=sys.stderr)
-    path = fit_detector(det, loaded.model, loaded.model_id, suite, device=a.device).save(a.out)
-    print(f"saved {det!r} to {path}")
+    fit_and_save(_spec(a), a.detector, a.out, params=_pairs(a.param, "--param"))
 
 
 def _score(a: argparse.Namespace) -> None:
-    from .detectors import load_detector
-    from .models.loaders import load_model
     from .scoring import score_folder
 
-    loaded = load_model(a.model, a.weights, a.device or "cpu")
-    det = load_detector(a.detector_file)
-    n = score_folder(det, loaded, a.images, a.out, a.strict, a.device)
-    print(f"scored {n} images with {det.name} (higher = more in-distribution) -> {a.out}")
+    n = score_folder(_spec(a), a.detector_file, a.images, a.out, strict=a.strict)
+    print(f"scored {n} images (higher = more in-distribution) -> {a.out}")
 
 
 def _guard(a: argparse.Namespace) -> None:
@@ -232,8 +205,7 @@ def _guard(a: argparse.Namespace) -> None:
     from .guard.build import build_guard, check_folder
 
     if a.guard_cmd == "build":
-        guard = build_guard(a.detector, _data_spec(a), a.model, a.alpha, a.tpr, _pairs(a.param, "--param"),
-                            a.data_root, a.device, weights=a.weights, fit_subset=a.fit_subset)
+        guard = build_guard(_spec(a), a.detector, alpha=a.alpha, tpr=a.tpr, params=_pairs(a.param, "--param"))
         rule = ", ".join(f"{k} = {v}" for k, v in guard.rule.items())
         print(f"guard for {guard.detector.name} ({rule}) calibrated on {guard.calibration_source}: "
               f"flag when score < {guard.threshold:.6g} -> {guard.save(a.out)}")

@@ -14,7 +14,7 @@ import torch
 from .. import distributed
 from ..detectors.base import Detector, available, create
 from ..features import FeatureCache
-from ..specs import DataSpec, resolve
+from ..specs import RunSpec, resolve
 from ..validate import integer
 from .html import write_report
 from .report import format_summary, write_tables
@@ -50,17 +50,13 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def run_bench(suite: DataSpec = "fashionmnist", detectors: str | list[str] | None = None,
-              checkpoint: str | Path | None = None, out_dir: str | Path | None = None,
-              params: dict[str, dict[str, Any]] | None = None, data_root: str | Path | None = None,
-              batch_size: int = 512, device: str | None = None, command: str | None = None,
-              verbose: bool = True, retrain: bool = False, weights: str | Path | None = None,
-              fit_subset: int | None = None, cache_dtype: str = "float32") -> list[dict[str, Any]]:
-    """Evaluate ``detectors`` on ``suite`` (see :func:`oodlab.specs.resolve`) with the model ``checkpoint``
-    (an oodlab checkpoint, ``torchvision:NAME`` or ``timm:NAME`` with ``weights``; default: oodlab's
-    shipped default model, or with ``retrain`` one trained with the default recipe on first use) and
-    write results into ``out_dir``. Returns the result rows. ``cache_dtype="float16"`` stores the
-    cached features in half precision (half the disk and read volume; scores then see rounded features).
+def run_bench(spec: RunSpec, *, detectors: str | list[str] | None = None, out_dir: str | Path | None = None,
+              params: dict[str, dict[str, Any]] | None = None, batch_size: int = 512, command: str | None = None,
+              verbose: bool = True, cache_dtype: str = "float32") -> list[dict[str, Any]]:
+    """Evaluate ``detectors`` (default: every registered one) on the model and suite ``spec`` names (see
+    :func:`oodlab.specs.resolve`) and write results into ``out_dir``. Returns the result rows.
+    ``cache_dtype="float16"`` stores the cached features in half precision (half the disk and read
+    volume; scores then see rounded features).
 
     Under ``torchrun`` every rank extracts its own part of each data set into the shared feature
     cache; rank 0 alone fits, scores and writes (the other ranks return an empty list)."""
@@ -68,13 +64,13 @@ def run_bench(suite: DataSpec = "fashionmnist", detectors: str | list[str] | Non
         raise ValueError(f"cache_dtype must be 'float32' or 'float16', got {cache_dtype!r}")
     integer("batch_size", batch_size, 1)
     dets = parse_detectors(detectors, params)
-    loaded, suite_obj = resolve(checkpoint, suite, weights, data_root, device, fit_subset, retrain=retrain)
+    loaded, suite_obj = resolve(spec)
     model, meta, model_id = loaded.model, loaded.meta, loaded.model_id
     stamp = distributed.broadcast_object(time.strftime('%Y%m%d-%H%M%S'))  # one folder for every rank
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"{suite_obj.name}-{stamp}"
     t0 = time.perf_counter()
     cache = FeatureCache(storage=getattr(torch, cache_dtype))
-    ctx = BenchContext(suite_obj, model, model_id, out, cache, batch_size, device)
+    ctx = BenchContext(suite_obj, model, model_id, out, cache, batch_size, spec.device)
     rows = run_detectors(ctx, dets)
     if not distributed.is_main():
         return rows
@@ -82,7 +78,7 @@ def run_bench(suite: DataSpec = "fashionmnist", detectors: str | list[str] | Non
         "suite": suite_obj.name, "checkpoint": loaded.spec, "model_id": model_id,
         "model_meta": {k: meta.get(k) for k in ("arch", "num_classes", "in_channels", "epoch", "objective", "source",
                                                 "weights") if k in meta},
-        "preprocessing": loaded.prep.describe(), "fit_subset": fit_subset,
+        "preprocessing": loaded.prep.describe(), "fit_subset": spec.fit_subset,
         "data": {"id_train": suite_obj.id_train.fingerprint, "id_test": suite_obj.id_test.fingerprint,
                  **{k: v.fingerprint for k, v in suite_obj.ood.items()}},
         "groups": suite_obj.groups, "detectors": {d.name: d.config() for d in dets},

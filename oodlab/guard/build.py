@@ -9,26 +9,25 @@ from ..data.sources import folder
 from ..detectors.base import create, fit_data, fit_detector
 from ..features import FeatureCache
 from ..runtime import write_csv
-from ..specs import DataSpec, resolve
+from ..specs import RunSpec, resolve
 from .core import Guard, GuardOutput
 
 __all__ = ["build_guard", "check_folder"]
 
 
-def build_guard(detector: str, suite: DataSpec = "fashionmnist", checkpoint: str | Path | None = None,
-                alpha: float | None = None, tpr: float | None = None, params: dict[str, Any] | None = None,
-                data_root: str | Path | None = None, device: str | None = None, seed: int = 0,
-                weights: str | Path | None = None, fit_subset: int | None = None) -> Guard:
-    """Fit ``detector`` on the suite's ID training features, calibrate it on held-out ID data.
+def build_guard(spec: RunSpec, detector: str, *, alpha: float | None = None, tpr: float | None = None,
+                params: dict[str, Any] | None = None) -> Guard:
+    """Fit ``detector`` on the ID training features of the suite ``spec`` names, calibrate it on held-out ID data.
 
-    ``checkpoint`` is any model spec (see :func:`oodlab.specs.resolve`). Calibration uses
-    :meth:`Suite.calibration_split`: the suite's ID validation set, or a seeded half of its ID test
-    set (the other half stays for evaluating the guard). A detector that fits on held-out ID data
+    Calibration uses :meth:`Suite.calibration_split` (seeded with ``spec.seed``): the suite's ID
+    validation set, or a seeded half of its ID test set (the other half stays for evaluating the
+    guard). A detector that fits on held-out ID data (KL-Matching, temperature scaling, AdaSCALE)
     fits on the validation set, so it is then calibrated on a seeded half of ID test: a guard is never
     calibrated on the images its detector was fitted on.
     """
     det = create(detector, **(params or {}))
-    loaded, suite_obj = resolve(checkpoint, suite, weights, data_root, device, fit_subset, seed)
+    loaded, suite_obj = resolve(spec)
+    seed, device = spec.seed, spec.device
     fit_detector(det, loaded.model, loaded.model_id, suite_obj, FeatureCache(), device=device)
     calibration, _ = suite_obj.calibration_split(seed)
     if fit_data(det, suite_obj) is calibration:  # fitted on id_val: calibrate on unseen ID data

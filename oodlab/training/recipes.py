@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..data.suites import Suite, load_suite
+from ..data.suites import SUITES, Suite
 from ..models.zoo import build, load_checkpoint
 from ..runtime import cache_dir, seed_everything
-from .loop import TrainConfig, train
+from ..specs import RunSpec
+from .loop import EpochHook, TrainConfig, train
 
 __all__ = ["DEFAULT_ARCH", "SHIPPED", "default_config", "default_checkpoint", "shipped_checkpoint", "shipped_name",
            "train_on_suite"]
@@ -41,19 +43,33 @@ def default_config(suite: str, **overrides: Any) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
-def train_on_suite(suite: str | Suite, out_dir: str | Path, method: str = "erm", arch: str | None = None,
-                   config: TrainConfig | None = None, init_from: str | Path | None = None,
-                   method_options: dict[str, Any] | None = None, hooks=None, data_root: str | Path | None = None,
-                   device: str | torch.device | None = None, verbose: bool = True) -> Path:
-    """Train (or fine-tune ``init_from``) a classifier on the suite's ID training set with ``method``.
+def train_on_suite(spec: RunSpec, out_dir: str | Path | None = None, *, method: str = "erm", arch: str | None = None,
+                   config: TrainConfig | Mapping[str, Any] | None = None, method_options: dict[str, Any] | None = None,
+                   hooks: list[EpochHook] | None = None, track_ood: bool = False, verbose: bool = True) -> Path:
+    """Train a classifier on the ID training set of ``spec.data`` with ``method`` (or fine-tune the checkpoint
+    ``spec.model``), resolved by :func:`oodlab.specs.resolve_training`.
 
-    Returns the final checkpoint path. Re-running with the same ``out_dir`` resumes.
+    ``config`` is a :class:`TrainConfig`, or overrides of the suite's default recipe (:func:`default_config`,
+    seeded with ``spec.seed``). ``track_ood`` evaluates OOD detection on a held-out split of a built-in
+    suite after every epoch. ``out_dir`` defaults to ``runs/train-<suite>-<method>-seed<seed>``. Returns the
+    final checkpoint path; re-running with the same ``out_dir`` resumes.
     """
+    from ..specs import resolve_training
     from . import create_objective
 
-    suite_obj = suite if isinstance(suite, Suite) else load_suite(suite, data_root)
-    cfg = config or default_config(suite_obj.name)
+    suite_obj, arch = resolve_training(spec, arch)
+    cfg = config if isinstance(config, TrainConfig) else default_config(suite_obj.name, **{"seed": spec.seed,
+                                                                                          **(config or {})})
+    out_dir = Path(out_dir) if out_dir is not None else Path("runs") / f"train-{suite_obj.name}-{method}-seed{cfg.seed}"
+    hooks = list(hooks or [])
+    if track_ood:
+        if not isinstance(spec.data, str) or spec.data not in SUITES:
+            raise ValueError("--track-ood works with the built-in suites only")
+        from .tracking import track_ood_hook
+
+        hooks.append(track_ood_hook(spec.data, spec.data_root, spec.device, run_dir=out_dir))
     seed_everything(cfg.seed)  # before building, so the initial weights follow the seed too
+    init_from = spec.model
     if init_from is not None:
         model, meta = load_checkpoint(init_from)
         if model.num_classes != suite_obj.num_classes:
@@ -67,7 +83,7 @@ def train_on_suite(suite: str | Suite, out_dir: str | Path, method: str = "erm",
                 "suite": suite_obj.name, "method": method, "init_from": str(init_from) if init_from else None}
     t0 = time.perf_counter()
     ckpt = train(model, suite_obj.id_train, objective, cfg, out_dir, meta_out, test_set=suite_obj.id_test,
-                 hooks=hooks, device=device)
+                 hooks=hooks or None, device=spec.device)
     if verbose:
         print(f"trained {arch} with {method} on {suite_obj.name} in {time.perf_counter() - t0:.0f} s -> {ckpt}")
     return ckpt
@@ -86,4 +102,4 @@ def default_checkpoint(suite: Suite, device: str | torch.device | None = None, v
         return ckpt
     if verbose:
         print(f"No default model for {suite.name} yet: training one into {run} (resumable)...")
-    return train_on_suite(suite, run, config=cfg, device=device, verbose=verbose)
+    return train_on_suite(RunSpec(data=suite, device=device), run, config=cfg, verbose=verbose)

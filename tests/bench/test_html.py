@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from oodlab.bench import load_scores, run_bench
+from oodlab.specs import RunSpec
 from oodlab.bench.html import Run, _entries, load_run, write_report
 from oodlab.cli import main
 from oodlab.data.base import ArrayDataset, ImageSet, tensor_fingerprint
@@ -39,7 +40,7 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     for seed, name in ((0, "erm"), (1, "greg")):
         torch.manual_seed(seed)
         ckpt = save_checkpoint(small_cnn(3), root / f"{name}.safetensors", {"arch": "smallcnn", "num_classes": 3, "in_channels": 1})
-        run_bench(suite, DETECTORS, checkpoint=ckpt, out_dir=root / name, verbose=False)
+        run_bench(RunSpec(ckpt, data=suite), detectors=DETECTORS, out_dir=root / name, verbose=False)
         out.append(root / name)
     return out[0], out[1]
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from oodlab.specs import RunSpec
 from oodlab.bench import BenchContext, load_rows, load_scores, run_bench, run_detectors
 from oodlab.detectors import create
 from oodlab.features import FeatureCache
@@ -118,8 +119,8 @@ def test_truncated_jsonl_line_is_ignored(tmp_path):
 
 def test_run_bench_writes_tables(trained, tmp_path):
     suite, _, ckpt = trained
-    rows = run_bench(suite, "msp,energy", ckpt, tmp_path / "res", params={"energy": {"temperature": 2.0}},
-                     device="cpu", verbose=False)
+    rows = run_bench(RunSpec(ckpt, data=suite, device="cpu"), detectors="msp,energy", out_dir=tmp_path / "res",
+                     params={"energy": {"temperature": 2.0}}, verbose=False)
     res = json.loads((tmp_path / "res" / "results.json").read_text())
     assert res["settings"]["detectors"]["energy"] == {"temperature": 2.0}
     assert res["settings"]["data"]["noise"] == suite.ood["noise"].fingerprint
@@ -136,17 +137,17 @@ def test_run_bench_writes_tables(trained, tmp_path):
     old = [{k: v for k, v in row.items() if not k.endswith(("_lo", "_hi"))} for row in rows]  # rows of an older run
     assert "| – | – | – | – |" in markdown(old, res["settings"])
     with pytest.raises(ValueError, match="unknown detector"):
-        run_bench(suite, "nope", ckpt, tmp_path / "x", device="cpu", verbose=False)
+        run_bench(RunSpec(ckpt, data=suite, device="cpu"), detectors="nope", out_dir=tmp_path / "x", verbose=False)
     with pytest.raises(ValueError, match="not in the run"):
-        run_bench(suite, "msp", ckpt, tmp_path / "x", params={"energy": {"temperature": 2.0}}, device="cpu",
-                  verbose=False)
+        run_bench(RunSpec(ckpt, data=suite, device="cpu"), detectors="msp", out_dir=tmp_path / "x",
+                  params={"energy": {"temperature": 2.0}}, verbose=False)
 
 
 def test_natural_and_synthetic_means_are_reported_apart(trained, tmp_path):
     suite, _, ckpt = trained
     suite = dataclasses.replace(suite, ood={**suite.ood, "stripes2": suite.ood["stripes"]},
                                 groups={"near": ["stripes", "stripes2"], "far": ["noise"]}, synthetic=("noise",))
-    rows = run_bench(suite, "energy", ckpt, tmp_path / "res", device="cpu", verbose=False)
+    rows = run_bench(RunSpec(ckpt, data=suite, device="cpu"), detectors="energy", out_dir=tmp_path / "res", verbose=False)
     assert {r["ood"]: r["kind"] for r in rows} == {"stripes": "natural", "stripes2": "natural", "noise": "synthetic"}
     (s,) = summary_rows(rows)
     by = {r["ood"]: r for r in rows}
@@ -167,7 +168,7 @@ def test_checkpoint_class_mismatch(trained, tmp_path):
     other = save_checkpoint(build("smallcnn", 5, 1), tmp_path / "five", {"arch": "smallcnn", "num_classes": 5,
                                                                          "in_channels": 1})
     with pytest.raises(ValueError, match="5 classes"):
-        run_bench(suite, "msp", other, tmp_path / "x", device="cpu", verbose=False)
+        run_bench(RunSpec(other, data=suite, device="cpu"), detectors="msp", out_dir=tmp_path / "x", verbose=False)
 
 
 def test_held_out_fits_use_the_suites_validation_set(trained, tmp_path):

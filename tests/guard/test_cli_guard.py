@@ -74,11 +74,12 @@ def test_detectors_fitted_on_id_val_are_calibrated_on_other_id_data(checkpoint, 
     import dataclasses
 
     from oodlab.guard.build import build_guard
+    from oodlab.specs import RunSpec
 
     base = make_tiny_suite()
     val = make_tiny_suite(n_train=30, seed=5).id_train
     monkeypatch.setitem(suites.SUITES, "tiny-val", lambda data_root=None: dataclasses.replace(base, id_val=val))
-    klm = build_guard("klm", "tiny-val", checkpoint, alpha=0.1, device="cpu")
-    energy = build_guard("energy", "tiny-val", checkpoint, alpha=0.1, device="cpu")
+    spec = RunSpec(checkpoint, data="tiny-val", device="cpu")
+    klm, energy = build_guard(spec, "klm", alpha=0.1), build_guard(spec, "energy", alpha=0.1)
     assert klm.calibration_source.startswith("tiny-test (24 images")
     assert energy.calibration_source.startswith("tiny-train (30")  # the validation set itself

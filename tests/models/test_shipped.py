@@ -5,6 +5,7 @@ import json
 import pytest
 
 from oodlab.bench.api import run_bench
+from oodlab.specs import RunSpec
 from oodlab.data import load_suite
 from oodlab.features import extract
 from oodlab.models import checkpoint_fingerprint, load_checkpoint
@@ -28,7 +29,7 @@ def test_shipped_checkpoint_matches_its_record(suite):
 
 
 def test_bench_records_the_shipped_fingerprint(tmp_path):
-    rows = run_bench("fashionmnist", "energy", out_dir=tmp_path / "r", device="cpu", verbose=False)
+    rows = run_bench(RunSpec(device="cpu"), detectors="energy", out_dir=tmp_path / "r", verbose=False)
     res = json.loads((tmp_path / "r" / "results.json").read_text())
     assert res["settings"]["model_id"] == checkpoint_fingerprint(shipped_checkpoint("fashionmnist"))
     assert {r["ood"] for r in rows} == set(load_suite("fashionmnist").ood) >= {"mnist", "faces", "terrain", "gaussian"}

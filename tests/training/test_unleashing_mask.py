@@ -245,10 +245,10 @@ def test_umap_resume_equals_uninterrupted(tiny_suite, trained_ckpt, umap_ckpt, t
 
 
 def test_cli_um_estimates_reports_and_tracks(tiny_suite, trained_ckpt, tmp_path, monkeypatch):
-    import oodlab.training.recipes as recipes
+    import oodlab.data.suites as suites
     import oodlab.training.tracking as tracking
 
-    monkeypatch.setattr(recipes, "load_suite", lambda name, root=None: tiny_suite)
+    monkeypatch.setitem(suites.SUITES, "fashionmnist", lambda data_root=None: tiny_suite)
     monkeypatch.setattr(tracking, "load_suite", lambda name, root=None: tiny_suite)
     out = tmp_path / "um"
     args = ["train", "--method", "um", "--from", str(trained_ckpt), "--epochs", "1", "--batch-size", "16",
