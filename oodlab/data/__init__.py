@@ -2,7 +2,6 @@
 
 from .base import ArrayDataset, DataMissingError, ImageSet, batches
 from .suites import SUITES, Suite, load_suite, register_suite
-from . import custom  # noqa: F401,E402  (registers imagenet1k)
 from .preprocessing import IMAGENET, Preprocessing
 
 __all__ = ["IMAGENET", "Preprocessing", "ArrayDataset", "DataMissingError", "ImageSet", "batches", "SUITES", "Suite", "load_suite", "register_suite"]

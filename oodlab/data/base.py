@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["ImageSet", "ArrayDataset", "DataMissingError", "batches", "tensor_fingerprint", "UNLABELED", "BROKEN"]
+__all__ = ["ImageSet", "ArrayDataset", "DataMissingError", "batches", "concat", "tensor_fingerprint", "UNLABELED",
+           "BROKEN"]
 
 UNLABELED = -1
 BROKEN = -2  # label of an item whose file could not be decoded (a black placeholder image)
@@ -77,6 +78,16 @@ class ImageSet:
         if isinstance(self.dataset, ArrayDataset):
             return ArrayDataset(self.dataset.images[idx], self.dataset.labels[idx])
         return torch.utils.data.Subset(self.dataset, idx.tolist())
+
+
+def concat(name: str, sets: list[ImageSet]) -> ImageSet:
+    """The items of ``sets`` one after the other, as one data set (labelled where they are)."""
+    if all(isinstance(s.dataset, ArrayDataset) for s in sets):
+        ds: Dataset = ArrayDataset(torch.cat([s.dataset.images for s in sets]),  # type: ignore[attr-defined]
+                                   torch.cat([s.dataset.labels for s in sets]))  # type: ignore[attr-defined]
+    else:
+        ds = torch.utils.data.ConcatDataset([s.dataset for s in sets])
+    return ImageSet(name, ds, _digest("|".join(["concat", *(s.fingerprint for s in sets)])), sets[0].num_classes)
 
 
 def _digest(text: str) -> str:

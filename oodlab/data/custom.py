@@ -1,4 +1,4 @@
-"""Suites from your own data: a small TOML file, command-line flags, or the OpenOOD v1.5 ImageNet-1K layout.
+"""Suites from your own data: a small TOML file or command-line flags.
 
 A suite file::
 
@@ -27,12 +27,11 @@ from typing import Any
 
 from ..validate import integer
 from .base import DataMissingError, ImageSet
-from .preprocessing import IMAGENET, Preprocessing
+from .preprocessing import Preprocessing
 from .sources import folder
-from .suites import Suite, register_suite
-from .locate import search_roots
+from .suites import Suite
 
-__all__ = ["suite_from_spec", "load_suite_file", "suite_from_flags", "imagenet1k", "IMAGENET1K_LISTS"]
+__all__ = ["suite_from_spec", "load_suite_file", "suite_from_flags"]
 
 _TOP = {"name", "root", "num_classes", "id", "ood"}
 _ID = {"train", "test", "val"}
@@ -120,43 +119,3 @@ def suite_from_flags(id_train: str, id_test: str, ood: list[str], prep: Preproce
         groups[group][key] = path
     ids = {"train": id_train, "test": id_test, **({"val": id_val} if id_val else {})}
     return suite_from_spec({"name": name, "id": ids, "ood": groups}, prep, ".", "suite flags")
-
-
-#: OpenOOD v1.5's ImageNet-1K lists (``benchmark_imglist/imagenet/``) and their line counts.
-IMAGENET1K_LISTS = {
-    "id-val": ("val_imagenet.txt", 5_000), "id-test": ("test_imagenet.txt", 45_000),
-    "ssb_hard": ("test_ssb_hard.txt", 49_000), "ninco": ("test_ninco.txt", 5_879),
-    "inaturalist": ("test_inaturalist.txt", 10_000), "textures": ("test_textures.txt", 5_160),
-    "openimage_o": ("test_openimage_o.txt", 15_869),
-}
-_IMAGENET1K_GROUPS = {"near": ["ssb_hard", "ninco"], "far": ["inaturalist", "textures", "openimage_o"]}
-IMAGENET1K_TRAIN = 1_281_167
-
-
-@register_suite("imagenet1k")
-def imagenet1k(data_root: str | Path | None = None) -> Suite:
-    """OpenOOD v1.5's ImageNet-1K benchmark from ``<root>/benchmark_imglist/imagenet/*.txt`` and the images
-    under ``<root>/images_largescale/`` and ``<root>/images_classic/``, preprocessed as OpenOOD does.
-
-    ID train is ``train_imagenet.txt`` if present, else the class folders of
-    ``images_largescale/imagenet_1k/train``. Every list's count is checked.
-    """
-    root = next((r for r in search_roots(data_root) if (r / "benchmark_imglist" / "imagenet").is_dir()), None)
-    if root is None:
-        raise DataMissingError("ImageNet-1K (OpenOOD v1.5 layout) not found: pass --data-root DIR with "
-                               "DIR/benchmark_imglist/imagenet/*.txt and DIR/images_largescale/, DIR/images_classic/")
-    lists = root / "benchmark_imglist" / "imagenet"
-    images = [root / "images_largescale", root / "images_classic", root]
-    sets = {name: folder.load_list(lists / file, images, name, IMAGENET, 1000, count)
-            for name, (file, count) in IMAGENET1K_LISTS.items()}
-    if (lists / "train_imagenet.txt").is_file():
-        train = folder.load_list(lists / "train_imagenet.txt", images, "imagenet1k-train", IMAGENET, 1000,
-                                 IMAGENET1K_TRAIN)
-    else:
-        train_dir = root / "images_largescale" / "imagenet_1k" / "train"
-        train = folder.load(train_dir, "imagenet1k-train", IMAGENET, labelled=True)
-        if train.num_classes != 1000:
-            raise DataMissingError(f"{train_dir} has {train.num_classes} class folders; ImageNet-1K has 1000")
-    ood = {k: sets[k] for g in _IMAGENET1K_GROUPS.values() for k in g}
-    return Suite("imagenet1k", train, sets["id-test"], ood, {g: list(v) for g, v in _IMAGENET1K_GROUPS.items()},
-                 1000, IMAGENET.input_shape, id_val=sets["id-val"])

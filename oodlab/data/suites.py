@@ -1,8 +1,10 @@
 """Named benchmarks: an ID training/test set plus OOD sets grouped into near and far.
 
 ``load_suite("fashionmnist")`` works offline on any machine with Fashion-MNIST (see the README).
-The CIFAR suites follow OpenOOD v1.5's lists; their folder-based sets (TinyImageNet, Textures,
-Places365) are read from ``<data_root>/<name>`` or ``<data_root>/images_classic/<name>``.
+``cifar10``, ``cifar100``, ``imagenet200`` and ``imagenet1k`` are OpenOOD v1.5's benchmarks read
+from its image lists (:mod:`oodlab.data.openood`). Without the lists, the CIFAR suites fall back to
+torchvision's CIFAR / MNIST / SVHN sets and folders of TinyImageNet, Textures and Places365 under
+``<data_root>/<name>`` (or ``images_classic/<name>``): not OpenOOD's split, and they say so.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..validate import integer, shape
-from .base import ArrayDataset, DataMissingError, ImageSet, tensor_fingerprint
+from .base import ArrayDataset, DataMissingError, ImageSet, concat, tensor_fingerprint
 from .locate import search_roots
 from .preprocessing import Preprocessing
 from .sources import digits, faces, fashion_mnist, folder, glyphs, mnist, noise, terrain, torchvision_sets
@@ -38,6 +40,8 @@ class Suite:
     aux: ImageSet | None = field(default=None)
     id_val: ImageSet | None = field(default=None)  # held-out ID data for calibration, where the suite has it
     synthetic: tuple[str, ...] = ()  # OOD sets that are generated noise, reported apart from the natural ones
+    ood_val: ImageSet | None = field(default=None)  # validation OOD set: parameter search only, never reported
+    csid: dict[str, ImageSet] = field(default_factory=dict)  # covariate-shifted ID sets (full-spectrum evaluation)
 
     def __post_init__(self) -> None:
         integer("num_classes", self.num_classes, 1)
@@ -53,6 +57,17 @@ class Suite:
         if set(self.synthetic) - set(self.ood):
             raise ValueError(f"suite {self.name}: synthetic sets {sorted(set(self.synthetic) - set(self.ood))} are "
                              "not among its OOD sets")
+        if clash := sorted(set(self.csid) & set(self.ood)):
+            raise ValueError(f"suite {self.name}: {clash} are both OOD and covariate-shifted ID sets")
+
+    def full_spectrum(self) -> Suite:
+        """OpenOOD's full-spectrum setting (FSOOD): ID test is ID test followed by every covariate-shifted ID
+        set (they count as ID), named ``<suite>-fsood``; everything else is the same."""
+        if not self.csid:
+            raise ValueError(f"suite {self.name} has no covariate-shifted ID sets, so --fsood has nothing to add; "
+                             "the OpenOOD benchmarks cifar10, imagenet200 and imagenet1k have them")
+        test = concat(f"{self.id_test.name}+csid", [self.id_test, *self.csid.values()])
+        return dataclasses.replace(self, name=f"{self.name}-fsood", id_test=test, csid={})
 
     def group_of(self, ood_name: str) -> str:
         return next(g for g, names in self.groups.items() if ood_name in names)
@@ -93,6 +108,8 @@ SUITES: dict[str, Callable[..., Suite]] = {}
 
 def register_suite(name: str) -> Callable[[Callable[..., Suite]], Callable[..., Suite]]:
     def deco(fn: Callable[..., Suite]) -> Callable[..., Suite]:
+        if name in SUITES:
+            raise ValueError(f"suite {name!r} is registered twice")
         SUITES[name] = fn
         return fn
 
@@ -159,6 +176,13 @@ def _folder_set(name: str, data_root: str | Path | None) -> ImageSet:
 
 
 def _cifar(which: str, other: str, data_root: str | Path | None) -> Suite:
+    from .openood import openood_root, openood_suite
+
+    if openood_root(which, data_root) is not None:
+        return openood_suite(which, data_root)
+    warnings.warn(f"{which}: OpenOOD v1.5's lists (benchmark_imglist/{which}/) not found under the data root, so this "
+                  "is torchvision's train/test split with folder OOD sets, not OpenOOD's split", stacklevel=3)
+
     def tv(name: str, split: str = "test") -> ImageSet:
         return torchvision_sets.load(name, split, data_root, size=32, channels=3)
 
@@ -178,3 +202,17 @@ def _cifar10(data_root: str | Path | None = None) -> Suite:
 @register_suite("cifar100")
 def _cifar100(data_root: str | Path | None = None) -> Suite:
     return _cifar("cifar100", "cifar10", data_root)
+
+
+@register_suite("imagenet200")
+def _imagenet200(data_root: str | Path | None = None) -> Suite:
+    from .openood import openood_suite
+
+    return openood_suite("imagenet200", data_root)
+
+
+@register_suite("imagenet1k")
+def _imagenet1k(data_root: str | Path | None = None) -> Suite:
+    from .openood import openood_suite
+
+    return openood_suite("imagenet1k", data_root)

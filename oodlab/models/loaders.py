@@ -1,9 +1,13 @@
-"""Models by name: oodlab checkpoints, ``torchvision:NAME`` and ``timm:NAME``, each with its preprocessing.
+"""Models by name: oodlab checkpoints, ``torchvision:NAME``, ``timm:NAME`` and ``openood:NAME``, each with its
+preprocessing.
 
 ``load_model(spec, weights)`` returns a :class:`LoadedModel`: the :class:`Classifier` (checked on a
 probe batch), the id that keys the feature cache (weights + preprocessing), metadata, and the
 :class:`~oodlab.data.preprocessing.Preprocessing` its inputs need. Weights files are read without
-unpickling code (safetensors, or ``torch.load(..., weights_only=True)``); nothing is downloaded.
+unpickling code (safetensors, or ``torch.load(..., weights_only=True)``). ``--weights`` may also
+name released weights instead of a file: torchvision's (``IMAGENET1K_V1``, ``DEFAULT``), taken from
+torch's hub cache, else through torchvision's own download; timm's ``pretrained``, through timm and
+the Hugging Face cache. Offline and not cached, the error names the file to place and where.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import hashlib
 import json
 import os
 import pickle
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +27,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..data.preprocessing import IMAGENET, Preprocessing
-from ..runtime import file_sha256
+from ..runtime import atomic_path, cache_dir, file_sha256
 from .adapter import AdapterError, Classifier
 from .zoo import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, checkpoint_fingerprint, load_checkpoint
 
 __all__ = ["LoadedModel", "load_model", "read_state_dict", "arch_preprocessing", "MODEL_SOURCES"]
 
-MODEL_SOURCES = ("an oodlab checkpoint (PATH.safetensors)", "torchvision:NAME", "timm:NAME")
+MODEL_SOURCES = ("an oodlab checkpoint (PATH.safetensors)", "torchvision:NAME", "timm:NAME", "openood:NAME")
 
 
 @dataclass
@@ -118,13 +123,30 @@ def _torchvision(name: str, weights: Path | None, num_classes: int | None) -> tu
     if hasattr(tf, "crop_size"):
         prep = Preprocessing(tf.crop_size[0], 3, tf.resize_size[0], tf.interpolation.value)
         mean, std = tuple(tf.mean), tuple(tf.std)
-    if weights is None:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(default.url)
-        if not cached.is_file():
-            raise FileNotFoundError(f"no weights for torchvision:{name}: pass --weights FILE (a state dict), or put "
-                                    f"torchvision's {cached.name} into {cached.parent} (nothing is downloaded)")
-        weights = cached
+    weights = _torchvision_weights(name, enum, weights)
     return net, prep, mean, std, weights
+
+
+def _torchvision_weights(name: str, enum, weights: Path | None) -> Path:
+    """A weights file for ``torchvision:name``: the given file, or released weights by enum name (default: the
+    model's DEFAULT), from torch's hub cache, else downloaded by torchvision where the machine is online."""
+    if weights is not None and (weights.is_file() or weights.suffix in (".pth", ".pt", ".safetensors", ".bin")):
+        return weights
+    tag = "DEFAULT" if weights is None else str(weights)
+    try:
+        released = enum[tag] if tag != "DEFAULT" or not hasattr(enum, "DEFAULT") else enum.DEFAULT
+    except KeyError:
+        raise ValueError(f"torchvision:{name} has no released weights {tag!r} (and no such file); its weights: "
+                         f"{', '.join(w.name for w in enum)}") from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(released.url)
+    if not cached.is_file():
+        try:
+            torch.hub.load_state_dict_from_url(released.url, progress=False, check_hash=True)
+        except Exception as exc:  # offline, refused, or a broken download: say which file to place where
+            raise FileNotFoundError(f"torchvision:{name} weights {released} are not cached and could not be "
+                                    f"downloaded ({type(exc).__name__}): put {cached.name} into {cached.parent}, or "
+                                    "pass --weights FILE (a state dict)") from None
+    return cached
 
 
 def _timm(name: str, weights: Path | None, num_classes: int | None) -> tuple[nn.Module, Preprocessing, tuple, tuple, Path]:
@@ -134,11 +156,23 @@ def _timm(name: str, weights: Path | None, num_classes: int | None) -> tuple[nn.
     except ImportError as exc:
         raise ValueError("timm models need timm: pip install timm") from exc
     if weights is None:
-        raise ValueError(f"timm:{name} needs --weights FILE (a state dict); oodlab downloads nothing")
+        raise ValueError(f"timm:{name} needs --weights FILE (a state dict) or --weights pretrained")
     try:
         net = timm.create_model(name, pretrained=False, **({"num_classes": num_classes} if num_classes else {}))
     except RuntimeError as exc:
         raise ValueError(f"timm has no model {name!r} ({exc})") from exc
+    if str(weights) == "pretrained":  # timm's released weights, from the Hugging Face cache or its download
+        try:
+            released = timm.create_model(name, pretrained=True)
+        except Exception as exc:
+            raise FileNotFoundError(f"timm:{name}'s pretrained weights are not in the Hugging Face cache and could not "
+                                    f"be downloaded ({type(exc).__name__}); pass --weights FILE (a state dict)") from None
+        from safetensors.torch import save_file
+
+        weights = cache_dir() / "weights" / f"timm-{name}.safetensors"
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(weights) as tmp:
+            save_file({k: v.contiguous() for k, v in released.state_dict().items()}, str(tmp))
     cfg = resolve_data_config({}, model=net)
     _, height, width = cfg["input_size"]
     if height != width:
@@ -147,34 +181,63 @@ def _timm(name: str, weights: Path | None, num_classes: int | None) -> tuple[nn.
     return net, prep, tuple(cfg["mean"]), tuple(cfg["std"]), weights
 
 
+def _openood(name: str, weights: Path | None) -> tuple[nn.Module, Preprocessing, tuple, tuple, Path]:
+    """OpenOOD's released ``name`` (``resnet18_32x32[:NORM]`` / ``resnet18_224x224[:NORM]``) with its state dict."""
+    from .openood_nets import NORMALISATIONS, OPENOOD_NETS, build_openood, default_normalisation
+
+    name, _, norm = name.partition(":")
+    if name not in OPENOOD_NETS:
+        raise ValueError(f"OpenOOD has no released network {name!r} that oodlab loads; available: "
+                         f"{', '.join(OPENOOD_NETS)}")
+    if weights is None:
+        raise ValueError(f"openood:{name} needs --weights FILE: OpenOOD's s*/best.ckpt (a plain state dict)")
+    state = read_state_dict(weights)
+    fc = state.get("fc.weight")
+    if fc is None or fc.ndim != 2:
+        raise CheckpointError(f"{weights} is not an OpenOOD {name} checkpoint: it has no fc.weight")
+    net, prep = build_openood(name, int(fc.shape[0]))
+    norm = norm or default_normalisation(int(fc.shape[0]))
+    if norm not in NORMALISATIONS:
+        raise ValueError(f"openood:{name}:{norm}: unknown normalisation; use one of {', '.join(NORMALISATIONS)}")
+    mean, std = NORMALISATIONS[norm]
+    print(f"openood:{name}: {fc.shape[0]}-class head, {norm} mean {mean} / std {std} (OpenOOD's); another with "
+          f"openood:{name}:{'|'.join(NORMALISATIONS)}", file=sys.stderr)
+    return net, prep, mean, std, weights
+
+
 def load_model(spec: str | Path, weights: str | Path | None = None, device: str | torch.device = "cpu",
                num_classes: int | None = None) -> LoadedModel:
-    """The model named by ``spec``: an oodlab checkpoint path, ``torchvision:NAME`` or ``timm:NAME``.
+    """The model named by ``spec``: an oodlab checkpoint path, ``torchvision:NAME``, ``timm:NAME`` or
+    ``openood:NAME`` (OpenOOD's released ``resnet18_32x32`` / ``resnet18_224x224``).
 
-    ``weights`` is a state-dict file for torchvision / timm models (for torchvision, its own cache
-    file is used when present). ``num_classes`` builds a head of that size (default: the model's).
+    ``weights`` is a state-dict file, or released weights by name (see the module docstring).
+    ``num_classes`` builds a head of that size (default: the weights').
     """
     text = str(spec)
     kind, _, name = text.partition(":")
-    if kind not in ("torchvision", "timm") or not name:
+    if kind not in ("torchvision", "timm", "openood") or not name:
         if weights is not None:
-            raise ValueError("--weights is for torchvision:NAME and timm:NAME models; an oodlab checkpoint holds its own")
+            raise ValueError("--weights is for torchvision:NAME, timm:NAME and openood:NAME models; an oodlab "
+                             "checkpoint holds its own")
         model, meta = load_checkpoint(text, device)
         prep = arch_preprocessing(meta["arch"], meta["in_channels"])
         model.input_shape = prep.input_shape  # extract() then refuses images of another shape in one line
         return LoadedModel(model, checkpoint_fingerprint(text), prep, text, meta)
     wpath = Path(weights) if weights is not None else None
-    loader = _torchvision if kind == "torchvision" else _timm
-    net, prep, mean, std, wpath = loader(name, wpath, num_classes)
+    if kind == "openood":
+        net, prep, mean, std, wpath = _openood(name, wpath)
+    else:
+        loader = _torchvision if kind == "torchvision" else _timm
+        net, prep, mean, std, wpath = loader(name, wpath, num_classes)
     state = read_state_dict(wpath)
-    if num_classes is None and (found := _head_classes(net, state)) is not None:  # a fine-tuned head
-        net = loader(name, wpath, found)[0]
+    if kind != "openood" and num_classes is None and (found := _head_classes(net, state)) is not None:
+        net = loader(name, wpath, found)[0]  # a fine-tuned head
     _load_weights(net, state, wpath, text)
     net.eval()
     probe = torch.rand(2, *prep.input_shape, generator=torch.Generator().manual_seed(0))
     if kind == "timm":
         model = Classifier.from_forward_split(net, probe, mean, std)
-    elif all(hasattr(net, a) for a in ("fc", "avgpool", "layer4")):
+    elif all(hasattr(net, a) for a in ("fc", "avgpool", "layer4", "maxpool")):
         model = Classifier.from_torchvision_resnet(net, mean, std, probe=probe)
     else:
         try:
@@ -183,4 +246,4 @@ def load_model(spec: str | Path, weights: str | Path | None = None, device: str 
             raise AdapterError(f"{text}: {exc}") from exc
     model.input_shape = prep.input_shape
     model_id = _digest(text, file_sha256(wpath), json.dumps(prep.describe(), sort_keys=True))
-    return LoadedModel(model.to(device).eval(), model_id, prep, text, {"source": text, "weights": str(wpath)})
+    return LoadedModel(model.to(device).eval(), model_id, prep, text, {"source": text, "weights": str(wpath.resolve())})

@@ -99,26 +99,30 @@ def load(root: str | Path, name: str | None = None, prep: Preprocessing | None =
 
 def load_list(list_file: str | Path, root: str | Path | Sequence[str | Path], name: str | None = None,
               prep: Preprocessing | None = None, num_classes: int | None = None,
-              expected: int | None = None) -> ImageSet:
+              expected: int | None = None, ood: bool = False) -> ImageSet:
     """An OpenOOD-style image list: ``<path> <label>`` per line, paths relative to ``root``.
 
     ``root`` may be several folders: the first one holding the list's first image is used for all.
     Every file must exist and every label lie in ``[0, num_classes)`` or be -1 (no label);
-    ``expected`` checks the line count.
+    ``expected`` checks the line count. ``ood``: an OOD list, whose labels are ignored (as OpenOOD does).
     """
     list_file = Path(list_file)
     prep = prep or Preprocessing(32, 3)
     if not list_file.is_file():
         raise DataMissingError(f"image list {list_file} does not exist")
     entries: list[tuple[str, int]] = []
+    lines: list[int] = []
     for n, line in enumerate(list_file.read_text().splitlines(), 1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
         try:
-            entries.append((parts[0], int(parts[1])))
+            entries.append((parts[0], -1 if ood else int(parts[1])))
         except (IndexError, ValueError):
             raise ValueError(f"{list_file}:{n}: expected '<relative path> <integer label>', got {line!r}") from None
+        if len(parts) < 2:
+            raise ValueError(f"{list_file}:{n}: expected '<relative path> <label>', got {line!r}")
+        lines.append(n)
     if not entries:
         raise DataMissingError(f"image list {list_file} is empty")
     if expected is not None and len(entries) != expected:
@@ -130,13 +134,15 @@ def load_list(list_file: str | Path, root: str | Path | Sequence[str | Path], na
         raise DataMissingError(f"{entries[0][0]} (first entry of {list_file}) is in none of "
                                f"{', '.join(map(str, roots))}; pass the data root that holds it")
     files = [base / p for p, _ in entries]
-    missing = [f for f in files if not f.is_file()]
+    missing = [i for i, f in enumerate(files) if not f.is_file()]
     if missing:
-        raise DataMissingError(f"{len(missing)} files listed in {list_file} are missing, e.g. {missing[0]}")
+        raise DataMissingError(f"{len(missing)} files listed in {list_file} are missing, e.g. {files[missing[0]]} "
+                               f"(line {lines[missing[0]]})")
     labels = [y for _, y in entries]
-    bad = [y for y in labels if y < -1 or (num_classes is not None and y >= num_classes)]
+    bad = [i for i, y in enumerate(labels) if y < -1 or (num_classes is not None and y >= num_classes)]
     if bad:
-        raise ValueError(f"{list_file} has labels outside [0, {num_classes}) and -1, e.g. {bad[0]}")
+        raise ValueError(f"{list_file}:{lines[bad[0]]}: label {labels[bad[0]]} is outside [0, {num_classes}) and -1 "
+                         f"({len(bad)} such lines)")
     if any(y < 0 for y in labels) and any(y >= 0 for y in labels):
         raise ValueError(f"{list_file} mixes labelled and unlabelled (-1) images")
     fp = _fingerprint(base, files, labels, f"list:{list_file.name}", prep)
