@@ -55,9 +55,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--model", "--checkpoint", dest="model", required=required,
-                   help="an oodlab checkpoint, torchvision:NAME or timm:NAME"
+                   help="an oodlab checkpoint, torchvision:NAME, timm:NAME or openood:resnet18_32x32|resnet18_224x224"
                         + ("" if required else " (default: oodlab's shipped default model for the suite)"))
-    p.add_argument("--weights", help="state-dict file for torchvision:/timm: models (safetensors or .pth)")
+    p.add_argument("--weights", help="state-dict file (safetensors or .pth; OpenOOD's best.ckpt), or released weights "
+                   "by name: torchvision's IMAGENET1K_V1 / DEFAULT, timm's pretrained")
 
 
 def _data_spec(a: argparse.Namespace):
@@ -118,6 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=512)
     b.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32",
                    help="storage of the cached features (float16: half the disk and read volume)")
+    b.add_argument("--search", action="store_true", help="choose each detector's parameters first, as OpenOOD's "
+                   "automatic search: its grids, AUROC of ID val vs the suite's validation OOD set (never test OOD)")
+    b.add_argument("--fsood", action="store_true", help="also OpenOOD's full-spectrum setting (covariate-shifted ID "
+                   "sets count as ID), written apart into OUT/fsood/")
 
     f = sub.add_parser("fit", help="fit one detector on a suite's ID training features and save it")
     _common(f)
@@ -184,7 +189,8 @@ def _bench(a: argparse.Namespace) -> None:
     from .bench import run_bench
 
     run_bench(_spec(a), detectors=a.detectors, out_dir=a.out, params=_detector_params(a.param),
-              batch_size=a.batch_size, command=shlex.join(["oodlab", *a.argv]), cache_dtype=a.cache_dtype)
+              batch_size=a.batch_size, command=shlex.join(["oodlab", *a.argv]), cache_dtype=a.cache_dtype,
+              search=a.search, fsood=a.fsood)
 
 
 def _fit(a: argparse.Namespace) -> None:

@@ -46,7 +46,7 @@ class RunSpec:
     """What a command runs on: the model (and its weights), the data (and where data sets live), the
     device, a seeded subset of ID train to fit on, and the seed of every seeded choice."""
 
-    model: str | Path | None = None
+    model: str | Path | LoadedModel | None = None  # a LoadedModel: a network the caller built (Python only)
     weights: str | Path | None = None
     data: DataSpec = "fashionmnist"
     data_root: str | Path | None = None
@@ -92,7 +92,9 @@ def _check_data(data: DataSpec) -> None:
 def resolve_model(spec: RunSpec) -> LoadedModel:
     """The model ``spec`` names (it must name one: ``oodlab score`` has no suite to take a default from)."""
     if spec.model is None:
-        raise ValueError("pass --model (an oodlab checkpoint, torchvision:NAME or timm:NAME)")
+        raise ValueError("pass --model (an oodlab checkpoint, torchvision:NAME, timm:NAME or openood:NAME)")
+    if isinstance(spec.model, LoadedModel):
+        return spec.model
     return load_model(spec.model, spec.weights, spec.device or "cpu")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import platform
 import sys
 import time
@@ -10,17 +11,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .. import distributed
 from ..detectors.base import Detector, available, create
 from ..features import FeatureCache
+from ..data.suites import Suite
+from ..models.loaders import LoadedModel
 from ..specs import RunSpec, resolve
 from ..validate import integer
 from .html import write_report
-from .report import format_summary, write_tables
-from .runner import BenchContext, run_detectors
+from .openood import leaderboard_lines, write_openood_csv
+from .report import format_summary, summary_rows, write_tables
+from .runner import BenchContext, load_scores, run_detectors
+from .search import search_parameters
 
-__all__ = ["run_bench", "parse_detectors"]
+__all__ = ["run_bench", "parse_detectors", "openood_table"]
 
 
 def parse_detectors(names: str | list[str] | None, params: dict[str, dict[str, Any]] | None = None) -> list[Detector]:
@@ -52,11 +58,17 @@ def _versions() -> dict[str, str]:
 
 def run_bench(spec: RunSpec, *, detectors: str | list[str] | None = None, out_dir: str | Path | None = None,
               params: dict[str, dict[str, Any]] | None = None, batch_size: int = 512, command: str | None = None,
-              verbose: bool = True, cache_dtype: str = "float32") -> list[dict[str, Any]]:
+              verbose: bool = True, cache_dtype: str = "float32", search: bool = False,
+              fsood: bool = False) -> list[dict[str, Any]]:
     """Evaluate ``detectors`` (default: every registered one) on the model and suite ``spec`` names (see
     :func:`oodlab.specs.resolve`) and write results into ``out_dir``. Returns the result rows.
     ``cache_dtype="float16"`` stores the cached features in half precision (half the disk and read
     volume; scores then see rounded features).
+
+    Besides oodlab's tables, ``openood.csv`` holds OpenOOD's ``eval_ood`` table (:mod:`oodlab.bench.openood`).
+    ``search``: each detector's parameters chosen first on validation data by OpenOOD's grid
+    (:mod:`oodlab.bench.search`). ``fsood``: also OpenOOD's full-spectrum setting (ID test plus the
+    covariate-shifted ID sets), written apart into ``out_dir/fsood/``; its rows are not returned.
 
     Under ``torchrun`` every rank extracts its own part of each data set into the shared feature
     cache; rank 0 alone fits, scores and writes (the other ranks return an empty list)."""
@@ -65,29 +77,91 @@ def run_bench(spec: RunSpec, *, detectors: str | list[str] | None = None, out_di
     integer("batch_size", batch_size, 1)
     dets = parse_detectors(detectors, params)
     loaded, suite_obj = resolve(spec)
-    model, meta, model_id = loaded.model, loaded.meta, loaded.model_id
+    if search and suite_obj.ood_val is None:
+        raise ValueError(f"--search needs a validation OOD set and suite {suite_obj.name} has none (the OpenOOD "
+                         "benchmarks and fashionmnist-split have one)")
+    if fsood:
+        suite_obj.full_spectrum()  # refuses a suite without covariate-shifted ID sets before any work
     stamp = distributed.broadcast_object(time.strftime('%Y%m%d-%H%M%S'))  # one folder for every rank
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"{suite_obj.name}-{stamp}"
-    t0 = time.perf_counter()
     cache = FeatureCache(storage=getattr(torch, cache_dtype))
-    ctx = BenchContext(suite_obj, model, model_id, out, cache, batch_size, spec.device)
-    rows = run_detectors(ctx, dets)
+    rows = _run(loaded, suite_obj, dets, out, cache, batch_size, spec, command, verbose, search)
+    if fsood:
+        _run(loaded, suite_obj.full_spectrum(), [create(d.name, **d.config()) for d in dets], out / "fsood", cache,
+             batch_size, spec, command, verbose, search)
+    return rows
+
+
+def _run(loaded: LoadedModel, suite_obj: Suite, dets: list[Detector], out: Path, cache: FeatureCache, batch_size: int,
+         spec: RunSpec, command: str | None, verbose: bool, search: bool) -> list[dict[str, Any]]:
+    """One suite: (search,) run the detectors, write tables, openood.csv, figures and the report."""
+    t0 = time.perf_counter()
+    ctx = BenchContext(suite_obj, loaded.model, loaded.model_id, out, cache, batch_size, spec.device)
+    notes = None
+    if search:
+        dets, notes = search_parameters(ctx, dets)
+    rows = run_detectors(ctx, dets, notes)
     if not distributed.is_main():
         return rows
+    model_acc = ctx.features(train=False, ood=False)[1].accuracy()
+    meta = loaded.meta
     settings = {
-        "suite": suite_obj.name, "checkpoint": loaded.spec, "model_id": model_id,
+        "suite": suite_obj.name, "checkpoint": loaded.spec, "model_id": loaded.model_id,
         "model_meta": {k: meta.get(k) for k in ("arch", "num_classes", "in_channels", "epoch", "objective", "source",
                                                 "weights") if k in meta},
-        "preprocessing": loaded.prep.describe(), "fit_subset": spec.fit_subset,
+        "preprocessing": loaded.prep.describe(), "fit_subset": spec.fit_subset, "model_acc": model_acc,
         "data": {"id_train": suite_obj.id_train.fingerprint, "id_test": suite_obj.id_test.fingerprint,
                  **{k: v.fingerprint for k, v in suite_obj.ood.items()}},
-        "groups": suite_obj.groups, "detectors": {d.name: d.config() for d in dets},
+        "groups": suite_obj.groups, "detectors": {d.name: d.config() for d in dets}, "search": search,
         "command": command, "versions": _versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "seconds": round(time.perf_counter() - t0, 2), "feature_cache": str(ctx.cache.root),
     }
     write_tables(out, rows, settings)
+    keys = {r["key"]: r["detector"] for r in rows}
+    names = [d for d in keys.values()]
+    write_openood_csv(out / "openood.csv", {(d if names.count(d) == 1 else k): load_scores(out, k) for k, d in keys.items()},
+                      suite_obj.groups, model_acc)
     report = write_report([out])
     if verbose:
         print(format_summary(rows))
-        print(f"\nResults in {out}/ (results.md, results.csv, results.json, figures/); report: {report}")
+        if lines := leaderboard_lines(suite_obj.name, summary_rows(rows), suite_obj.groups):
+            print("\n" + "\n".join(lines))
+        print(f"\nResults in {out}/ (results.md, results.csv, results.json, openood.csv, figures/); report: {report}")
     return rows
+
+
+def openood_table(net: nn.Module, benchmark: str, detectors: str | list[str] = "msp", *,
+                  data_root: str | Path | None = None, out_dir: str | Path | None = None, search: bool = False,
+                  fsood: bool = False, device: str | None = None) -> Any:
+    """OpenOOD's ``Evaluator(net, id_name=benchmark, postprocessor_name=...).eval_ood()`` in one call: ``net`` is any
+    ``nn.Module`` whose logits are one ``nn.Linear`` of its features and that takes inputs normalised as OpenOOD
+    feeds them (the benchmark's mean / std; oodlab normalises its [0, 1] images so); ``benchmark`` is cifar10,
+    cifar100, imagenet200 or imagenet1k. Runs :func:`run_bench` and returns the rows of its ``openood.csv``
+    (per detector: each near set, ``nearood``, each far set, ``farood``; FPR@95 OOD-positive, AUROC, AUPR_IN,
+    AUPR_OUT, ACC in %) as a pandas DataFrame when pandas is installed, else a list of dicts."""
+    from ..data.openood import BENCHMARKS, CIFAR_PREP
+    from ..data.preprocessing import IMAGENET
+    from ..models.adapter import Classifier
+    from ..models.openood_nets import NORMALISATIONS
+    from ..models.zoo import state_fingerprint
+
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown OpenOOD benchmark {benchmark!r}; available: {', '.join(BENCHMARKS)}")
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"net must be a torch nn.Module, got {type(net).__name__}")
+    prep = CIFAR_PREP if benchmark.startswith("cifar") else IMAGENET
+    mean, std = NORMALISATIONS[benchmark if benchmark.startswith("cifar") else "imagenet"]
+    probe = torch.rand(2, *prep.input_shape, generator=torch.Generator().manual_seed(0))
+    model = Classifier.from_final_linear(net.eval(), probe, mean, std)
+    model.input_shape = prep.input_shape
+    loaded = LoadedModel(model, f"net-{state_fingerprint(net)}-{benchmark}", prep, f"{type(net).__name__} (Python)")
+    out = Path(out_dir) if out_dir is not None else Path("runs") / f"{benchmark}-openood-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_bench(RunSpec(loaded, data=benchmark, data_root=data_root, device=device), detectors=detectors, out_dir=out,
+              search=search, fsood=fsood, verbose=False)
+    with open(out / "openood.csv", newline="") as f:
+        rows = [{k: (v if k in ("detector", "dataset") else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+    try:
+        import pandas as pd
+    except ImportError:
+        return rows
+    return pd.DataFrame(rows).set_index(["detector", "dataset"])

@@ -177,8 +177,10 @@ def _score(det: Detector, ctx: BenchContext, feats: FeatureSource | None, data) 
     return scores
 
 
-def run_detectors(ctx: BenchContext, detectors: list[Detector]) -> list[dict[str, Any]]:
-    """Fit and score every detector, append rows per detector, skip detectors already done.
+def run_detectors(ctx: BenchContext, detectors: list[Detector],
+                  notes: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Fit and score every detector, append rows per detector, skip detectors already done. ``notes``
+    (by detector name) are recorded in each of its rows under ``search`` (what a parameter search chose).
 
     Under ``torchrun`` every rank takes part in the extraction; then only rank 0 fits, scores and
     writes (the other ranks return an empty list)."""
@@ -198,7 +200,8 @@ def run_detectors(ctx: BenchContext, detectors: list[Detector]) -> list[dict[str
         if not distributed.is_main():
             return []
         for det in progress(todo, desc="detectors", unit="detector", leave=True):
-            _run_one(ctx, det, held if "val" in det.feature_sets() else train, test, oods, id(det) in cached)
+            _run_one(ctx, det, held if "val" in det.feature_sets() else train, test, oods, id(det) in cached,
+                     (notes or {}).get(det.name))
     keys = {detector_key(d) for d in detectors}
     return [r for r in load_rows(out) if r["key"] in keys and r["model_id"] == ctx.model_id]
 
@@ -212,7 +215,7 @@ def _held_out_features(ctx: BenchContext, detectors: list[Detector]) -> FeatureS
 
 
 def _run_one(ctx: BenchContext, det: Detector, train: FeatureSource | None, test: FeatureSource,
-             oods: dict[str, FeatureSource | None], fit_cached: bool) -> None:
+             oods: dict[str, FeatureSource | None], fit_cached: bool, note: dict[str, Any] | None) -> None:
     key = detector_key(det)
     t0 = time.perf_counter()
     if not fit_cached:
@@ -231,7 +234,8 @@ def _run_one(ctx: BenchContext, det: Detector, train: FeatureSource | None, test
         np.savez_compressed(tmp, **scores)
     base = {"detector": det.name, "key": key, "params": det.config(), "model_id": ctx.model_id,
             "suite": ctx.suite.name, "id_acc": id_acc, "fit_s": round(fit_s, 4), "fit_cached": fit_cached,
-            "score_s": round(score_s, 4), **({"approximate": True} if det.approximate else {})}
+            "score_s": round(score_s, 4), **({"approximate": True} if det.approximate else {}),
+            **({"search": note} if note is not None else {})}
     rows = [{**base, "ood": name, "group": ctx.suite.group_of(name), "kind": ctx.suite.kind_of(name),
              **evaluate(scores["id"], scores[name]),
              **bootstrap_ci(scores["id"], scores[name])}  # 95% percentile intervals, 1000 resamples, seed 0

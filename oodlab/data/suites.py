@@ -159,9 +159,14 @@ def _fashionmnist_split(data_root: str | Path | None = None) -> Suite:
     near = _classes(test, range(6, 10), "fashionmnist-6to9")
     unlabeled = ImageSet(near.name, ArrayDataset(near.dataset.images), near.fingerprint + "u")  # type: ignore[attr-defined]
     far = _far_28()
+    # validation OOD for --search: 1,000 seeded *training* images of the held-out classes 6-9 (the near set is
+    # their test images), so no test OOD image is ever seen by a search
+    val = _classes(train, range(6, 10), "fashionmnist-6to9-train").subset(1000, 0)
+    ood_val = ImageSet(val.name, ArrayDataset(val.dataset.images), val.fingerprint + "u")  # type: ignore[attr-defined]
     return Suite("fashionmnist-split", _classes(train, range(0, 6), "fashionmnist-0to5"),
                  _classes(test, range(0, 6), "fashionmnist-0to5-test"), {unlabeled.name: unlabeled, **far},
-                 {"near": [unlabeled.name], "far": list(far)}, 6, (1, 28, 28), synthetic=SYNTHETIC_28)
+                 {"near": [unlabeled.name], "far": list(far)}, 6, (1, 28, 28), synthetic=SYNTHETIC_28,
+                 ood_val=ood_val)
 
 
 def _folder_set(name: str, data_root: str | Path | None) -> ImageSet:
