@@ -101,9 +101,9 @@ def _run(loaded: LoadedModel, suite_obj: Suite, dets: list[Detector], out: Path,
     if search:
         dets, notes = search_parameters(ctx, dets)
     rows = run_detectors(ctx, dets, notes)
+    model_acc = ctx.features(train=False, ood=False)[1].accuracy()  # every rank: reading the cache is collective
     if not distributed.is_main():
         return rows
-    model_acc = ctx.features(train=False, ood=False)[1].accuracy()
     meta = loaded.meta
     settings = {
         "suite": suite_obj.name, "checkpoint": loaded.spec, "model_id": loaded.model_id,

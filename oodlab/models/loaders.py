@@ -128,24 +128,29 @@ def _torchvision(name: str, weights: Path | None, num_classes: int | None) -> tu
 
 
 def _torchvision_weights(name: str, enum, weights: Path | None) -> Path:
-    """A weights file for ``torchvision:name``: the given file, or released weights by enum name (default: the
-    model's DEFAULT), from torch's hub cache, else downloaded by torchvision where the machine is online."""
+    """A weights file for ``torchvision:name``: the given file; released weights by enum name (``IMAGENET1K_V1``,
+    ``DEFAULT``) from torch's hub cache, else downloaded by torchvision where the machine is online; with no
+    ``weights``, the DEFAULT ones only when already cached (nothing is downloaded unasked)."""
     if weights is not None and (weights.is_file() or weights.suffix in (".pth", ".pt", ".safetensors", ".bin")):
         return weights
     tag = "DEFAULT" if weights is None else str(weights)
     try:
-        released = enum[tag] if tag != "DEFAULT" or not hasattr(enum, "DEFAULT") else enum.DEFAULT
+        released = enum.DEFAULT if tag == "DEFAULT" and hasattr(enum, "DEFAULT") else enum[tag]
     except KeyError:
         raise ValueError(f"torchvision:{name} has no released weights {tag!r} (and no such file); its weights: "
                          f"{', '.join(w.name for w in enum)}") from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(released.url)
-    if not cached.is_file():
-        try:
-            torch.hub.load_state_dict_from_url(released.url, progress=False, check_hash=True)
-        except Exception as exc:  # offline, refused, or a broken download: say which file to place where
-            raise FileNotFoundError(f"torchvision:{name} weights {released} are not cached and could not be "
-                                    f"downloaded ({type(exc).__name__}): put {cached.name} into {cached.parent}, or "
-                                    "pass --weights FILE (a state dict)") from None
+    if cached.is_file():
+        return cached
+    if weights is None:
+        raise FileNotFoundError(f"no weights for torchvision:{name}: pass --weights FILE (a state dict) or a released "
+                                f"name such as {released.name}, or put torchvision's {cached.name} into {cached.parent}")
+    try:
+        torch.hub.load_state_dict_from_url(released.url, progress=False, check_hash=True)
+    except Exception as exc:  # offline, refused, or a broken download: say which file to place where
+        raise FileNotFoundError(f"torchvision:{name} weights {released} are not cached and could not be "
+                                f"downloaded ({type(exc).__name__}): put {cached.name} into {cached.parent}, or "
+                                "pass --weights FILE (a state dict)") from None
     return cached
 
 
