@@ -15,8 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ROOT / "docs" / "results"
-ORDER = ["bench", "guard", "input_pipeline", "train_loop", "detectors", "crosscheck", "sweep", "flow", "train_outliers",
-         "unleashing_mask", "claims", "reliability", "scale"]
+ORDER = ["bench", "guard", "input_pipeline", "train_loop", "detectors", "crosscheck", "crosscheck_openood", "crosscheck_openood_resnet18", "search", "sweep",
+         "flow", "train_outliers", "unleashing_mask", "claims", "reliability", "scale"]
 
 
 def machine() -> str:

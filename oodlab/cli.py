@@ -1,4 +1,5 @@
-"""The ``oodlab`` command: parses arguments and calls the library, nothing more."""
+"""The ``oodlab`` command: parses arguments into one :class:`~oodlab.specs.RunSpec` (and each command's own
+options) and calls the library; what a command does is decided there, not here."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Small shared facilities: device choice, seeding, cache location, progress bars."""
+"""Small shared facilities: device choice, seeding, cache location, progress bars, and the one place that hashes
+and checks files: :func:`digest` / :func:`sha256_hex` / :func:`tensors_sha256` for every content identity,
+:func:`atomic_path` for every write, :func:`save_checked` / :func:`load_checked` for safetensors that carry
+their own checksum (fitted-detector and score caches)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import random
 import re
 import socket
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["default_device", "seed_everything", "cache_dir", "progress", "write_csv", "file_sha256", "atomic_path",
+__all__ = ["default_device", "seed_everything", "cache_dir", "progress", "write_csv", "sha256_hex", "digest",
+           "file_sha256", "tensors_sha256", "IntegrityError", "save_checked", "load_checked", "atomic_path",
            "atomic_write_text", "available_memory", "release_free_heap"]
 
 
@@ -120,13 +124,67 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[A
     return Path(path)
 
 
+def sha256_hex(chunks: Iterable[bytes | str]) -> str:
+    """SHA-256 (hex) of the concatenated ``chunks`` (strings as UTF-8): every content hash of oodlab is this."""
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c.encode() if isinstance(c, str) else c)
+    return h.hexdigest()
+
+
+def digest(*parts: str, length: int = 16) -> str:
+    """A short identity of ``parts`` (joined by ``|``): the first ``length`` hex digits of their SHA-256."""
+    return sha256_hex(["|".join(parts)])[:length]
+
+
 def file_sha256(path: str | Path) -> str:
     """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return sha256_hex(iter(lambda: f.read(1 << 20), b""))
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of named tensors: names, dtypes, shapes and bytes, in name order (device independent)."""
+    def chunks():
+        for name in sorted(tensors):
+            t = tensors[name].detach().cpu().contiguous()
+            yield f"{name}|{t.dtype}|{tuple(t.shape)}|"
+            yield t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return sha256_hex(chunks())
+
+
+class IntegrityError(ValueError):
+    """A file oodlab wrote is unreadable, lacks its checksum, or was altered since it was written."""
+
+
+def save_checked(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str] | None = None) -> Path:
+    """Write ``tensors`` as safetensors whose metadata holds their SHA-256 (and ``meta``), atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={**(meta or {}), "sha256": tensors_sha256(tensors)})
+    return Path(path)
+
+
+def load_checked(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a file written by :func:`save_checked`; :class:`IntegrityError` (one line) when it is
+    unreadable, has no checksum, or was altered."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise IntegrityError(f"{path} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") \
+            from None
+    if "sha256" not in meta:
+        raise IntegrityError(f"{path}: no checksum")
+    if meta["sha256"] != tensors_sha256(tensors):
+        raise IntegrityError(f"{path}: checksum mismatch (altered file)")
+    return tensors, meta
 
 
 def available_memory() -> int:

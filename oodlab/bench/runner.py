@@ -23,7 +23,6 @@ OOD set has its row, so a row lost to a truncated file is recomputed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,8 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from ..data.suites import Suite
 from ..detectors.base import Detector, fit_data
@@ -43,7 +40,7 @@ from .. import distributed
 from ..features import FeatureCache, FeatureSource
 from ..metrics import bootstrap_ci, evaluate
 from ..models.adapter import Classifier
-from ..runtime import atomic_path, progress
+from ..runtime import IntegrityError, atomic_path, digest, load_checked, progress, save_checked
 
 __all__ = ["BenchContext", "detector_key", "run_detectors", "load_rows", "load_scores"]
 
@@ -76,7 +73,7 @@ class BenchContext:
 def detector_key(det: Detector) -> str:
     """File-safe identity of a detector and its hyperparameters, e.g. ``ash-s-1a2b3c4d``."""
     cfg = json.dumps(det.config(), sort_keys=True, default=str)
-    return f"{det.name}-{hashlib.sha256(cfg.encode()).hexdigest()[:8]}"
+    return f"{det.name}-{digest(cfg, length=8)}"
 
 
 def load_rows(out_dir: Path) -> list[dict[str, Any]]:
@@ -104,8 +101,7 @@ def load_scores(out_dir: Path, key: str) -> dict[str, np.ndarray]:
 
 
 def _cached(ctx: BenchContext, kind: str, *parts: str) -> Path:
-    digest = hashlib.sha256("|".join((ctx.model_id, *parts)).encode()).hexdigest()[:24]
-    return Path(ctx.cache.root).parent / kind / digest
+    return Path(ctx.cache.root).parent / kind / digest(ctx.model_id, *parts, length=24)
 
 
 def _fit_path(ctx: BenchContext, det: Detector) -> Path:
@@ -114,39 +110,16 @@ def _fit_path(ctx: BenchContext, det: Detector) -> Path:
                    detector_key(det)).with_suffix(".safetensors")
 
 
-def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _save_checked(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A cache entry: safetensors whose metadata holds a SHA-256 of the tensors, written atomically."""
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"sha256": _tensors_sha256(tensors)})
-
-
 def _load_checked(path: Path, what: str, redo: str) -> dict[str, torch.Tensor] | None:
-    """The tensors of a cache entry written by :func:`_save_checked`; None (with a warning) when there is none
-    or it is unusable: unreadable, without its checksum, or altered since it was written."""
+    """The tensors of a cache entry (:func:`~oodlab.runtime.save_checked`); None, with a warning, when there is none
+    or it is unusable: an unusable entry is recomputed, never used."""
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), "pt") as f:
-            digest = (f.metadata() or {}).get("sha256")
-        tensors = load_file(str(path))
-        if digest is None:
-            raise ValueError("no checksum")
-        if digest != _tensors_sha256(tensors):
-            raise ValueError("checksum mismatch (altered file)")
-    except (SafetensorError, OSError, ValueError) as exc:  # an unusable entry is recomputed, never used
+        return load_checked(path)[0]
+    except IntegrityError as exc:
         log.warning("%s cache entry %s is unusable (%s); %s", what, path.name, exc, redo)
         return None
-    return tensors
 
 
 def _load_fit(ctx: BenchContext, det: Detector) -> bool:
@@ -161,7 +134,7 @@ def _load_fit(ctx: BenchContext, det: Detector) -> bool:
 
 
 def _save_fit(ctx: BenchContext, det: Detector) -> None:
-    _save_checked(_fit_path(ctx, det), det.state_dict())
+    save_checked(_fit_path(ctx, det), det.state_dict())
 
 
 def _score(det: Detector, ctx: BenchContext, feats: FeatureSource | None, data) -> torch.Tensor:
@@ -173,7 +146,7 @@ def _score(det: Detector, ctx: BenchContext, feats: FeatureSource | None, data) 
     if cached is not None:
         return cached["scores"]
     scores = det.score_on(ctx.model, data, device=ctx.device)
-    _save_checked(path, {"scores": scores})
+    save_checked(path, {"scores": scores})
     return scores
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from ..runtime import digest, sha256_hex
 
 __all__ = ["ImageSet", "ArrayDataset", "DataMissingError", "batches", "concat", "tensor_fingerprint", "UNLABELED",
            "BROKEN"]
@@ -68,10 +69,10 @@ class ImageSet:
         if not 0 < n < len(self):
             raise ValueError(f"cannot split {len(self)} items of {self.name} into {n} and the rest")
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        first = ImageSet(self.name, self._take(perm[:n].sort().values), _digest(f"{self.fingerprint}|subset:{n}:{seed}"),
+        first = ImageSet(self.name, self._take(perm[:n].sort().values), digest(f"{self.fingerprint}|subset:{n}:{seed}"),
                          self.num_classes)
         rest = ImageSet(f"{self.name}-rest", self._take(perm[n:].sort().values),
-                        _digest(f"{self.fingerprint}|rest:{n}:{seed}"), self.num_classes)
+                        digest(f"{self.fingerprint}|rest:{n}:{seed}"), self.num_classes)
         return first, rest
 
     def _take(self, idx: Tensor) -> Dataset:
@@ -87,19 +88,12 @@ def concat(name: str, sets: list[ImageSet]) -> ImageSet:
                                    torch.cat([s.dataset.labels for s in sets]))  # type: ignore[attr-defined]
     else:
         ds = torch.utils.data.ConcatDataset([s.dataset for s in sets])
-    return ImageSet(name, ds, _digest("|".join(["concat", *(s.fingerprint for s in sets)])), sets[0].num_classes)
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return ImageSet(name, ds, digest("concat", *(s.fingerprint for s in sets)), sets[0].num_classes)
 
 
 def tensor_fingerprint(*parts: Tensor | str) -> str:
     """A short content hash of tensors and strings (identity of in-memory data sets)."""
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.contiguous().numpy().tobytes() if isinstance(p, Tensor) else p.encode())
-    return h.hexdigest()[:16]
+    return sha256_hex(p.contiguous().numpy().tobytes() if isinstance(p, Tensor) else p for p in parts)[:16]
 
 
 def default_workers() -> int:

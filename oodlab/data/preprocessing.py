@@ -6,12 +6,13 @@ that data sets stay in [0, 1] and input perturbations are in pixel units.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import Tensor
+
+from ..runtime import digest
 
 __all__ = ["Preprocessing", "IMAGENET"]
 
@@ -95,7 +96,7 @@ class Preprocessing:
             text += f"|resize={self.resize}|{self.interpolation}"
         if self.reader != "pil":  # PIL was the only reader before; its fingerprints stay as they were
             text += f"|reader={self.reader}"
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return digest(text)
 
     def describe(self) -> dict[str, object]:
         return {"size": self.size, "channels": self.channels, "resize": self.resize or self.size,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..registry import Registry
 from ..validate import integer, shape
 from .base import ArrayDataset, DataMissingError, ImageSet, concat, tensor_fingerprint
 from .locate import search_roots
@@ -59,6 +60,15 @@ class Suite:
                              "not among its OOD sets")
         if clash := sorted(set(self.csid) & set(self.ood)):
             raise ValueError(f"suite {self.name}: {clash} are both OOD and covariate-shifted ID sets")
+        if "id" in self.ood:
+            raise ValueError(f"suite {self.name}: an OOD set may not be named 'id' (the ID scores are stored under it); "
+                             "rename it")
+        for name in [self.name, *self.ood, *self.csid, *(s.name for s in self._sets())]:
+            check_name(name, f"suite {self.name}")
+
+    def _sets(self) -> list[ImageSet]:
+        return [s for s in (self.id_train, self.id_test, self.id_val, self.ood_val, *self.ood.values(),
+                            *self.csid.values()) if s is not None]
 
     def full_spectrum(self) -> Suite:
         """OpenOOD's full-spectrum setting (FSOOD): ID test is ID test followed by every covariate-shifted ID
@@ -103,24 +113,26 @@ class Suite:
         return dataclasses.replace(self.id_train.subset(n, seed), name=f"{self.id_train.name}-held-out")
 
 
-SUITES: dict[str, Callable[..., Suite]] = {}
+SUITES: Registry[Callable[..., Suite]] = Registry("suite")
+
+
+def check_name(name: str, where: str) -> str:
+    """Refuse a set or suite name that could act as a path: names become cache and output file names."""
+    if not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".") or \
+            any(c in name for c in "/\\\0") or any(ord(c) < 32 for c in name):
+        raise ValueError(f"{where}: {name!r} cannot be a data set name (no slashes, no leading dot, no control "
+                         "characters: it becomes a file name); rename it")
+    return name
 
 
 def register_suite(name: str) -> Callable[[Callable[..., Suite]], Callable[..., Suite]]:
-    def deco(fn: Callable[..., Suite]) -> Callable[..., Suite]:
-        if name in SUITES:
-            raise ValueError(f"suite {name!r} is registered twice")
-        SUITES[name] = fn
-        return fn
-
-    return deco
+    """Register a builder ``f(data_root=None) -> Suite`` under ``name``."""
+    return SUITES.register(name)
 
 
 def load_suite(name: str, data_root: str | Path | None = None) -> Suite:
     """Build the suite called ``name`` (see :data:`SUITES`)."""
-    if name not in SUITES:
-        raise ValueError(f"unknown suite {name!r}; available: {', '.join(sorted(SUITES))}")
-    return SUITES[name](data_root=data_root)
+    return SUITES.get_named(name)(data_root=data_root)
 
 
 SYNTHETIC_28 = ("gaussian", "uniform")

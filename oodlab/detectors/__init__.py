@@ -1,6 +1,7 @@
 """Post-hoc OOD detectors, one module per family, all registered by name in :data:`REGISTRY`.
 
-Every module in this package is imported here, so a new method needs only its own module.
+Every module in this package is a plugin imported here, so a new method needs only its own module
+(helpers they share live elsewhere, e.g. :mod:`oodlab.features.stats`).
 """
 
 import importlib

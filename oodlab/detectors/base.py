@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from ..data.base import ImageSet, batches
 from ..features import FeatureCache, Features, FeatureSource, StoredFeatures, chunk_rows, extract
 from ..models.adapter import Classifier, inference_input
+from ..registry import Registry
 from ..runtime import atomic_path, atomic_write_text, default_device, progress
 
 if TYPE_CHECKING:
@@ -75,12 +76,14 @@ class Detector(ABC):
 
     def __init__(self) -> None:
         self.state: dict[str, Tensor] = {}
+        self.fit_device = default_device()  # set by fit from its caller
 
     # -- public contract ----------------------------------------------------------------------
-    def fit(self, train: FeatureSource | None, head: nn.Linear) -> Self:
+    def fit(self, train: FeatureSource | None, head: nn.Linear, *, device: torch.device | str | None = None) -> Self:
         """Learn ID statistics from ``train`` (ID training features, in memory or
         :class:`~oodlab.features.StoredFeatures` on disk: fits read them chunk by chunk) and the
         classifier's ``head``. ``train`` may be None for detectors with ``needs_train = False``.
+        ``device``: where a fit that trains something (the flow) computes (default: CUDA when present).
         For ``fits_on = "val"`` detectors ``train`` is held-out ID data (see :func:`fit_data`).
         """
         if self.needs == "model" and self.needs_train:
@@ -99,6 +102,7 @@ class Detector(ABC):
             if head.in_features != train.dim:
                 raise ValueError(f"head expects {head.in_features}-d features but z is {train.dim}-d")
         self.state = _head_state(head)
+        self.fit_device = torch.device(device) if device is not None else default_device()
         if train is not None:
             self._fit(train)
         return self
@@ -128,12 +132,12 @@ class Detector(ABC):
                 raise ValueError(f"{self.name} learns from ID images through the model: pass them")
             return fit_with_model(self, model, data, self.model_batch, device)
         if not self.needs_train:
-            return self.fit(None, model.head)
+            return self.fit(None, model.head, device=device)
         if features is None:
             if data is None:
                 raise ValueError(f"{self.name} learns from ID training features: pass the images or their features")
             features = extract(model, data, device=device)
-        return self.fit(features, model.head)
+        return self.fit(features, model.head, device=device)
 
     def score_on(self, model: Classifier, data: ImageSet | None, features: FeatureSource | None = None, *,
                  device: torch.device | str | None = None) -> Tensor:
@@ -284,28 +288,24 @@ def _check_features(feats: FeatureSource, what: str) -> None:
         raise ValueError(f"{what} contain NaN or inf values{where}; check the model and the input data")
 
 
-REGISTRY: dict[str, type[Detector]] = {}
+REGISTRY: Registry[type[Detector]] = Registry("detector")
 
 
 def register(cls: type[Detector]) -> type[Detector]:
     """Class decorator: make ``cls`` available by ``cls.name``."""
-    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-        raise ValueError(f"detector name {cls.name!r} is registered twice")
-    REGISTRY[cls.name] = cls
-    return cls
+    return REGISTRY.add(cls.name, cls)
 
 
 def available() -> list[str]:
     """Registered detector names, sorted."""
-    return sorted(REGISTRY)
+    return REGISTRY.names()
 
 
 def create(name: str, **params: Any) -> Detector:
     """A new detector by registry name, e.g. ``create("ash-b", percentile=65)``."""
-    if not isinstance(name, str) or name not in REGISTRY:
-        raise ValueError(f"unknown detector {name!r}; available: {', '.join(available())}")
+    cls = REGISTRY.get_named(name)
     try:
-        return REGISTRY[name](**params)
+        return cls(**params)
     except (TypeError, ValueError) as exc:  # a wrong keyword, or a value the constructor refused
         raise ValueError(f"bad parameters for {name}: {exc}") from exc
 

@@ -13,7 +13,7 @@ from ..features import Features, FeatureSource
 from .base import Detector, energy, register
 from ..validate import number
 from .react import activation_percentile
-from .stats import mean_features
+from ..features.stats import mean_features
 
 __all__ = ["DICE", "DICEReAct", "dice_mask"]
 

@@ -27,24 +27,20 @@ ActNorm, its affine coupling soft-clamps the log-scale and shares one net for ``
 its LU map has no permutation and solves one system per sample. ``kind="realnvp"`` and
 ``kind="maf"`` use zuko's stock flows instead.
 
-Learning rate: the default is 1e-4, ten times the paper's 1e-5 (pass ``lr=1e-5`` for the paper's
-setting). The paper's value was set for ImageNet, 5,120 steps of batch 250 per epoch; one epoch of
-Fashion-MNIST is 240 steps, and at 1e-5 the flow ends far from fitted: its held-out ID likelihood
-is much lower than at 1e-4, while 3e-4 is about as good as 1e-4 and 1e-3 is worse (the sweep is in
-benchmarks/flow.py; it was chosen on held-out ID data only). On degenerate features (units that
-never fire, or L2-normalised ones living on a sphere) a flow can raise the likelihood without
-bound by squeezing the empty directions; a large rate then diverges or hurts OOD detection, which
-is one of the over-training pitfalls the paper warns about.
+Learning rate: the default is 1e-4, ten times the paper's 1e-5 (a deviation; ``lr=1e-5`` gives the
+paper's setting), chosen on held-out ID likelihood only: the paper's value was set for ImageNet's
+5,120 steps per epoch, and one epoch of a small data set leaves the flow far from fitted at it
+(the sweep is ``benchmarks/flow.py``, its numbers in docs/results.md).
 
 Memory: the fit streams the training features in shuffled batches, so it does not grow with the
-rows; it is the flow's own: ``blocks * 3 D^2`` parameters (0.5M at D = 128, 126M at D = 2048; each
-LU mixing packs its two triangles into one D x D matrix), held three times while training (weights
-and Adam's two moments: 1.5 GB in float32 at D = 2048). Gradients never exist all at once (each
-parameter takes its Adam step as backward completes it), the LU mixing's backward rebuilds its
-triangles instead of keeping them, and on the CPU a large flow (over :data:`LEAN_PARAMETERS`)
-recomputes each layer's activations in backward; all of these give the same weights as the plain
-loop. Scoring runs in float64 with the float32 weights cast as they are used and one float64 dense
-matrix per LU mixing.
+rows; it is the flow's own ``blocks * 3 D^2`` parameters (each LU mixing packs its two triangles
+into one D x D matrix), held three times while training (weights and Adam's two moments). Gradients
+never exist all at once (each parameter takes its Adam step as backward completes it), the LU
+mixing's backward rebuilds its triangles instead of keeping them, and on the CPU a large flow (over
+:data:`LEAN_PARAMETERS`) recomputes each layer's activations in backward; all of these give the same
+weights as the plain loop (measured peaks: docs/results.md, "Scale"). Scoring runs in float64 with
+the float32 weights cast as they are used. The fit runs on the device its caller gives
+(:meth:`Detector.fit`'s ``device``).
 
 Deviations from the official code, all deliberate:
 
@@ -77,7 +73,7 @@ from zuko.lazy import Flow, LazyTransform, UnconditionalDistribution
 from zuko.transforms import CouplingTransform
 
 from ..features import Features, FeatureSource
-from ..runtime import default_device, progress, release_free_heap
+from ..runtime import progress, release_free_heap
 from .base import Detector, register
 from ..validate import choice, integer, number
 
@@ -426,7 +422,7 @@ class FlowDensity(Detector):
             raise ValueError(f"flow needs at least 2 training samples, got {len(train)}")
         if self.normalize == "standard":
             self._fit_standardization(train)
-        device = default_device()
+        device = self.fit_device
         shuffle = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)

@@ -10,7 +10,7 @@ from torch import Tensor
 from ..features import FeatureSource
 from .base import Detector, register
 from ..validate import flag, number
-from .stats import mean_features
+from ..features.stats import mean_features
 
 __all__ = ["FDBD", "NCI"]
 

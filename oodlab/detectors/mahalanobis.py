@@ -15,7 +15,7 @@ from torch import Tensor
 from ..features import FeatureSource
 from .base import Detector, register
 from ..validate import flag
-from .stats import Moments, class_moments
+from ..features.stats import Moments, class_moments
 
 __all__ = ["Mahalanobis", "RMDS"]
 

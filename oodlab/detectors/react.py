@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..features import Features, FeatureSource
-from . import stats
+from ..features import stats
 from .base import Detector, energy, register
 from ..validate import number
 
@@ -20,7 +20,7 @@ def activation_percentile(train: FeatureSource, percentile: float) -> float:
     """The ``percentile``-th percentile of all entries of ``z`` over ``train`` (NumPy's linear interpolation).
 
     The official code takes it over the flattened pooled activations of ~2,000 ID images; we use all
-    ID training features, exactly (:func:`oodlab.detectors.stats.percentile` streams over chunks, so
+    ID training features, exactly (:func:`oodlab.features.stats.percentile` streams over chunks, so
     ImageNet's 1.28M x 2048 activations need memory for one chunk).
     """
     return stats.percentile(train, percentile)

@@ -9,7 +9,7 @@ from torch import Tensor
 from ..features import FeatureSource
 from .base import Detector, energy, register
 from ..validate import integer
-from .stats import class_moments
+from ..features.stats import class_moments
 
 __all__ = ["ViM", "Residual", "default_dim"]
 

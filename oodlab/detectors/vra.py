@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..features import Features, FeatureSource
-from . import stats
+from ..features import stats
 from ..validate import flag, number
 from .base import Detector, energy, register
 
@@ -37,7 +37,7 @@ class VRA(Detector):
     ``beta + gamma``). Thresholds, as the official CIFAR runs: ``alpha`` and ``beta`` are the
     ``low``-th and ``high``-th percentiles **of each dimension** of the ID-train features
     (``torch.quantile(feat, q, dim=0)``, computed here exactly and streaming with
-    :func:`~oodlab.detectors.stats.column_percentiles`); defaults 60 / 90 with ``gamma`` 0, the
+    :func:`~oodlab.features.stats.column_percentiles`); defaults 60 / 90 with ``gamma`` 0, the
     README's CIFAR-10 "VRA" command (its "VRA+" is 60 / 95 with ``gamma`` 0.6). The official
     ImageNet runs instead set absolute thresholds by hand (ResNet-50: 0.5 / 1.0).
 

@@ -9,7 +9,6 @@ checksum does not match, or that cannot be read, is rebuilt (with a warning), ne
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ import torch
 from .. import distributed
 from ..data.base import BROKEN, ImageSet, batches
 from ..models.adapter import Classifier, inference_input
-from ..runtime import cache_dir, default_device, progress
+from ..runtime import cache_dir, default_device, digest, progress
 from ..validate import integer
 from .core import Features
 from .store import StoredFeatures, check_shard, write_shard
@@ -117,8 +116,7 @@ class FeatureCache:
 
     def entry(self, key: dict[str, str]) -> Path:
         """The folder of the entry with ``key``."""
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-        return self.root / f"{key['name']}-{digest}"
+        return self.root / f"{key['name']}-{digest(json.dumps(key, sort_keys=True), length=24)}"
 
     def get(self, model: Classifier, model_id: str, data: ImageSet, batch_size: int = 512,
             device: torch.device | str | None = None, autocast: bool | None = None,

@@ -10,6 +10,7 @@ from ..detectors.base import create, fit_data, fit_detector
 from ..features import FeatureCache
 from ..runtime import write_csv
 from ..specs import RunSpec, resolve
+from .conformal import check_rate
 from .core import Guard, GuardOutput
 
 __all__ = ["build_guard", "check_folder"]
@@ -25,6 +26,11 @@ def build_guard(spec: RunSpec, detector: str, *, alpha: float | None = None, tpr
     fits on the validation set, so it is then calibrated on a seeded half of ID test: a guard is never
     calibrated on the images its detector was fitted on.
     """
+    if alpha is not None and tpr is not None:
+        raise ValueError("give alpha (false-alarm rate) or tpr (fraction of ID accepted), not both")
+    for name, rate in (("alpha", alpha), ("tpr", tpr)):
+        if rate is not None:
+            check_rate(rate, name)  # before any fitting: a bad rate is refused at once
     det = create(detector, **(params or {}))
     loaded, suite_obj = resolve(spec)
     seed, device = spec.seed, spec.device

@@ -47,13 +47,13 @@ def p_values(cal_sorted: Tensor, scores: Tensor) -> Tensor:
     return (counts + 1).double() / (len(cal_sorted) + 1)
 
 
-def _check_rate(value: float, name: str) -> float:
+def check_rate(value: float, name: str) -> float:
     return float(number(name, value, 0.0, 1.0, low_open=True, high_open=name != "tpr"))
 
 
 def rank_for_alpha(n: int, alpha: float) -> int:
     """k with "flag iff score < k-th smallest calibration score" equal to "flag iff p <= alpha"."""
-    alpha = _check_rate(alpha, "alpha")
+    alpha = check_rate(alpha, "alpha")
     k = math.floor(alpha * (n + 1) + 1e-9)  # the epsilon only absorbs rounding of alpha * (n + 1)
     if k < 1:
         raise ValueError(f"{n} calibration scores cannot give alpha={alpha}: every p-value is at least "
@@ -64,7 +64,7 @@ def rank_for_alpha(n: int, alpha: float) -> int:
 
 def rank_for_tpr(n: int, tpr: float) -> int:
     """k with "flag iff score < k-th smallest calibration score" accepting at least ``tpr`` of them."""
-    tpr = _check_rate(tpr, "tpr")
+    tpr = check_rate(tpr, "tpr")
     return math.floor((1 - tpr) * n + 1e-9) + 1
 
 
@@ -75,7 +75,7 @@ def benjamini_hochberg(p: Tensor, fdr: float) -> Tensor:
     still controls the false discovery rate for them (Bates et al. 2023, Theorem 3): among the
     flagged inputs, the expected fraction of ID ones is at most ``fdr``.
     """
-    fdr = _check_rate(fdr, "fdr")
+    fdr = check_rate(fdr, "fdr")
     m = len(p)
     if m == 0:
         return torch.zeros(0, dtype=torch.bool)
@@ -124,7 +124,7 @@ def flag_rate_test(flags: Tensor, n_cal: int, k: int, level: float = 0.01) -> Fl
     m, j = len(flags), int(flags.sum())
     if m == 0:
         raise ValueError("the stream is empty: pass the flags of at least one presumed-ID input")
-    level = _check_rate(level, "level")
+    level = check_rate(level, "level")
     js = np.arange(j, m + 1)
     log_pmf = (_log_comb(js + k - 1, js) + _log_comb(m - js + n_cal - k, m - js) - _log_comb(n_cal + m, m))
     tail = float(np.exp(log_pmf).sum())

@@ -12,7 +12,6 @@ the Hugging Face cache. Offline and not cached, the error names the file to plac
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -27,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..data.preprocessing import IMAGENET, Preprocessing
-from ..runtime import atomic_path, cache_dir, file_sha256
+from ..runtime import atomic_path, cache_dir, digest, file_sha256
 from .adapter import AdapterError, Classifier
 from .zoo import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, checkpoint_fingerprint, load_checkpoint
 
@@ -85,10 +84,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a state dict (a mapping of names to tensors)")
     return state
-
-
-def _digest(*parts: str) -> str:
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def _load_weights(net: nn.Module, state: dict[str, torch.Tensor], path: Path, spec: str) -> None:
@@ -250,5 +245,5 @@ def load_model(spec: str | Path, weights: str | Path | None = None, device: str 
         except AdapterError as exc:
             raise AdapterError(f"{text}: {exc}") from exc
     model.input_shape = prep.input_shape
-    model_id = _digest(text, file_sha256(wpath), json.dumps(prep.describe(), sort_keys=True))
+    model_id = digest(text, file_sha256(wpath), json.dumps(prep.describe(), sort_keys=True))
     return LoadedModel(model.to(device).eval(), model_id, prep, text, {"source": text, "weights": str(wpath.resolve())})

@@ -6,7 +6,6 @@ loading never unpickles anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..runtime import atomic_path, atomic_write_text, file_sha256
+from ..registry import Registry
+from ..runtime import atomic_path, atomic_write_text, file_sha256, tensors_sha256
 from .adapter import Classifier
 
 __all__ = ["build", "ARCHS", "save_checkpoint", "load_checkpoint", "checkpoint_fingerprint", "state_fingerprint",
@@ -89,19 +89,17 @@ def _torchvision(name: str) -> Callable[..., Classifier]:
     return build_tv
 
 
-ARCHS: dict[str, Callable[..., Classifier]] = {
+ARCHS: Registry[Callable[..., Classifier]] = Registry("architecture", {
     "smallcnn": small_cnn,
     "resnet18-cifar": resnet18_cifar,
     "tv-resnet18": _torchvision("resnet18"),
     "tv-resnet50": _torchvision("resnet50"),
-}
+})
 
 
 def build(arch: str, num_classes: int, in_channels: int) -> Classifier:
     """A freshly initialised classifier of architecture ``arch`` (see :data:`ARCHS`)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; available: {', '.join(ARCHS)}")
-    return ARCHS[arch](num_classes=num_classes, in_channels=in_channels)
+    return ARCHS.get_named(arch)(num_classes=num_classes, in_channels=in_channels)
 
 
 def save_checkpoint(model: Classifier, path: str | Path, meta: dict[str, Any]) -> Path:
@@ -171,9 +169,4 @@ def checkpoint_fingerprint(path: str | Path) -> str:
 
 def state_fingerprint(model: nn.Module) -> str:
     """Content hash of a model's weights and buffers in memory (names, dtypes, shapes and values)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensors_sha256(model.state_dict())[:16]

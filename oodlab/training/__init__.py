@@ -10,29 +10,21 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any
 
+from ..registry import Registry
 from .loop import Objective, TrainConfig, train
 
-OBJECTIVES: dict[str, Callable[..., Objective]] = {}
+OBJECTIVES: Registry[Callable[..., Objective]] = Registry("training method")
 
 
 def register_objective(name: str) -> Callable[[Callable[..., Objective]], Callable[..., Objective]]:
     """Register a factory ``f(model=..., suite=..., **options) -> Objective`` under ``name``."""
-
-    def deco(factory: Callable[..., Objective]) -> Callable[..., Objective]:
-        if name in OBJECTIVES:
-            raise ValueError(f"training method {name!r} is registered twice")
-        OBJECTIVES[name] = factory
-        return factory
-
-    return deco
+    return OBJECTIVES.register(name)
 
 
 def create_objective(method: str, options: dict[str, Any] | None = None, **context: Any) -> Objective:
     """Build the objective registered as ``method`` with ``options``; ``context`` is what every factory gets
     (``model``, ``suite``, ``config``). An option the method does not take is an error, not silently ignored."""
-    if method not in OBJECTIVES:
-        raise ValueError(f"unknown training method {method!r}; available: {', '.join(sorted(OBJECTIVES))}")
-    factory, options = OBJECTIVES[method], dict(options or {})
+    factory, options = OBJECTIVES.get_named(method), dict(options or {})
     params = inspect.signature(factory).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):  # factories with **options check them themselves
         takes = sorted(set(params) - set(context))

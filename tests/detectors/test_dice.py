@@ -4,7 +4,7 @@ from torch import nn
 
 from oodlab.detectors import create, energy
 from oodlab.detectors.dice import dice_mask
-from oodlab.detectors.stats import mean_features
+from oodlab.features.stats import mean_features
 from oodlab.features import core
 from oodlab.features import Features
 

@@ -5,7 +5,7 @@ from sklearn.covariance import EmpiricalCovariance
 from torch import nn
 
 from oodlab.detectors import create
-from oodlab.detectors.stats import class_moments
+from oodlab.features.stats import class_moments
 from oodlab.features import core
 from oodlab.features import Features
 

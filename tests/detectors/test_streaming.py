@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from oodlab.detectors import REGISTRY, available, create
-from oodlab.detectors import stats
-from oodlab.detectors.stats import percentile
+from oodlab.features import stats
+from oodlab.features.stats import percentile
 from oodlab.features import Features, StoredFeatures, core
 from oodlab.features.store import write_features
 

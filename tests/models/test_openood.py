@@ -101,3 +101,26 @@ def test_torchvision_weight_names_offline(tmp_path, monkeypatch):
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     assert load_model("torchvision:resnet18", "IMAGENET1K_V1").model.num_classes == 1000
+
+
+def test_timm_pretrained_goes_through_timm_and_offline_is_one_line(tmp_path, monkeypatch):
+    import timm  # the test set-up installs timm; the core does not need it
+    real = timm.create_model
+    monkeypatch.setenv("OODLAB_CACHE", str(tmp_path / "cache"))
+
+    def fake(name, pretrained=False, **kw):
+        if pretrained:
+            raise RuntimeError("offline: no Hugging Face cache entry")
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", fake)
+    with pytest.raises(FileNotFoundError, match="resnet18's pretrained weights are not in the Hugging Face cache"):
+        load_model("timm:resnet18", "pretrained")
+    released = real("resnet18", pretrained=False, num_classes=7)
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: released if pretrained
+                        else real(name, pretrained=False, **kw))
+    loaded = load_model("timm:resnet18", "pretrained")  # the "released" weights, stored as safetensors in the cache
+    assert loaded.model.num_classes == 7 and (tmp_path / "cache" / "weights" / "timm-resnet18.safetensors").is_file()
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(x)).all()

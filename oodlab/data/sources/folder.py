@@ -11,7 +11,6 @@ label :data:`~oodlab.data.base.BROKEN`, and :func:`~oodlab.features.extract` rep
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.utils.data import Dataset
 
 from ..base import BROKEN, UNLABELED, DataMissingError, ImageSet
 from ..preprocessing import Preprocessing
+from ...runtime import sha256_hex
 
 __all__ = ["load", "load_list", "ImageFiles", "IMAGE_SUFFIXES"]
 
@@ -57,11 +57,11 @@ class ImageFiles(Dataset):
 
 
 def _fingerprint(root: Path, files: list[Path], labels: list[int], kind: str, prep: Preprocessing) -> str:
-    h = hashlib.sha256()
-    for p, y in zip(files, labels):
-        st = p.stat()
-        h.update(f"{p.relative_to(root) if p.is_relative_to(root) else p}|{st.st_size}|{st.st_mtime_ns}|{y}\n".encode())
-    return prep.fingerprint(f"{kind}:{h.hexdigest()}")
+    def lines():
+        for p, y in zip(files, labels):
+            st = p.stat()
+            yield f"{p.relative_to(root) if p.is_relative_to(root) else p}|{st.st_size}|{st.st_mtime_ns}|{y}\n"
+    return prep.fingerprint(f"{kind}:{sha256_hex(lines())}")
 
 
 def load(root: str | Path, name: str | None = None, prep: Preprocessing | None = None, labelled: bool = False,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..features import Features, FeatureSource
+from . import Features, FeatureSource
 
 __all__ = ["Moments", "class_moments", "mean_features", "percentile", "column_percentiles"]
 

@@ -1,0 +1,65 @@
+"""Reliability of the surfaces added for OpenOOD parity: names that are paths, reserved names, cheap checks first,
+weights given by a relative path, and an OpenOOD list with bad entries."""
+
+import os
+
+import pytest
+import torch
+
+from openood_tree import make_openood_tree, resnet18_32x32_state
+from oodlab.cli import main
+
+
+def _suite_file(tmp_path, ood_name):
+    from PIL import Image
+
+    for sub in ("train/a", "train/b", "test/a", "test/b", "ood"):
+        (tmp_path / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            Image.new("L", (28, 28), 40 * i + 10).save(tmp_path / sub / f"{i}.png")
+    path = tmp_path / "suite.toml"
+    path.write_text(f'[id]\ntrain = "train"\ntest = "test"\n[ood.far]\n"{ood_name}" = "ood"\n')
+    return path
+
+
+@pytest.mark.parametrize("name, message", [("../../escaped", "cannot be a data set name"),
+                                           ("id", "may not be named 'id'"), (".cache", "cannot be a data set name")])
+def test_set_names_that_are_paths_or_reserved_are_refused_before_any_file(name, message, tmp_path, capsys):
+    import torchvision
+
+    suite = _suite_file(tmp_path / "data", name)
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=2).state_dict(), tmp_path / "w.pth")
+    cache = tmp_path / "cache"
+    os.environ["OODLAB_CACHE"] = str(cache)
+    try:
+        assert main(["bench", "--suite", str(suite), "--model", "torchvision:resnet18", "--weights",
+                     str(tmp_path / "w.pth"), "--out", str(tmp_path / "out")]) == 2
+    finally:
+        os.environ.pop("OODLAB_CACHE")
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escaped").exists() and not cache.exists()
+
+
+def test_guard_build_checks_alpha_before_any_work(tmp_path, capsys, monkeypatch):
+    import oodlab.guard.build as build
+
+    monkeypatch.setattr(build, "resolve", lambda *a, **k: pytest.fail("resolved the model before checking alpha"))
+    assert main(["guard", "build", "energy", "--alpha", "1.5", "--out", str(tmp_path / "g")]) == 2
+    assert "alpha" in capsys.readouterr().err and not (tmp_path / "g").exists()
+
+
+def test_guard_with_relative_weights_works_from_another_directory(tmp_path, monkeypatch, capsys):
+    make_openood_tree(tmp_path / "data", "cifar10", per_set=6)
+    torch.save(resnet18_32x32_state(10), tmp_path / "best.ckpt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OODLAB_CACHE", str(tmp_path / "cache"))
+    assert main(["guard", "build", "energy", "--suite", "cifar10", "--data-root", "data", "--model",
+                 "openood:resnet18_32x32", "--weights", "best.ckpt", "--alpha", "0.5", "--out", "g",
+                 "--device", "cpu"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    images = tmp_path / "data" / "images_classic" / "test_svhn"
+    assert main(["guard", "check", str(tmp_path / "g"), str(images), "--out", "flags.csv", "--device", "cpu"]) == 0
+    assert (elsewhere / "flags.csv").read_text().count("\n") == 7  # header + 6 images
