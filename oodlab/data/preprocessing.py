@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..runtime import digest
 
-__all__ = ["Preprocessing", "IMAGENET"]
+__all__ = ["Preprocessing", "IMAGENET", "max_pixels"]
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 READERS = ("pil", "torchvision")
@@ -62,20 +62,39 @@ class Preprocessing:
                           T.ToTensor()])
 
     def load(self, path: str | Path) -> Tensor:
-        """One image file as a float tensor (C, size, size) in [0, 1]."""
-        if self.reader == "torchvision":
-            try:
-                return self._load_tensor(path)
-            except (RuntimeError, ImportError):  # a format torchvision.io does not decode (or no decoder): PIL's turn
-                pass
-        from PIL import Image
+        """One image file as a float tensor (C, size, size) in [0, 1], whatever its format and bit depth: 8- and
+        16-bit samples are scaled by their range, palette / grey+alpha / CMYK converted to the model's channels, the
+        first frame of an animation taken, EXIF orientation applied. An image of more than :func:`max_pixels`
+        pixels is refused (a ValueError) before it is decoded."""
+        from PIL import Image, ImageOps
 
-        with Image.open(path) as im:
+        limit, pil_limit = max_pixels(), Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # oodlab's own limit below replaces PIL's bomb warning and error
+        try:
+            im = Image.open(path)  # reads the header only: the size is known before any decoding
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
+        with im:
+            if im.width * im.height > limit:
+                raise ValueError(f"{im.width} x {im.height} = {im.width * im.height:,} pixels is over the limit of "
+                                 f"{limit:,} (a decompression bomb?); raise OODLAB_MAX_PIXELS to read it")
+            if self.reader == "torchvision":
+                try:
+                    return self._load_tensor(path)
+                except (RuntimeError, ImportError):  # a format torchvision.io does not decode (or no decoder): PIL's
+                    pass
+            im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I"):  # 16- or 32-bit integer samples: scale their range to 8 bits, as 8-bit twins
+                import numpy as np
+
+                top = 65535.0 if im.mode.startswith("I;16") or np.asarray(im).max() <= 65535 else float(2**31 - 1)
+                im = Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) / top * 255 + 0.5, 0, 255).astype(np.uint8))
             if self._tf is None:
                 object.__setattr__(self, "_tf", self.transform())
             return self._tf(im)
 
     def _load_tensor(self, path: str | Path) -> Tensor:
+        import torch
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
 
@@ -84,9 +103,18 @@ class Preprocessing:
             from torchvision.io import ImageReadMode, decode_image, read_file
 
             mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
-            img = decode_image(read_file(str(path)), mode=mode)
-        img = TF.resize(img, [self.resize or self.size], getattr(InterpolationMode, self.interpolation.upper()),
-                        antialias=True)
+            img = decode_image(read_file(str(path)), mode=mode, apply_exif_orientation=True)
+        if img.ndim == 4:  # an animation: its first frame
+            img = img[0]
+        if img.shape[0] != self.channels:  # decoders that ignore the mode (GIF): alpha dropped, then the model's channels
+            img = img[:-1] if img.shape[0] in (2, 4) else img
+            img = TF.rgb_to_grayscale(img) if self.channels == 1 and img.shape[0] == 3 else img.expand(self.channels, -1, -1)
+        interp = getattr(InterpolationMode, self.interpolation.upper())
+        if img.dtype != torch.uint8:  # 16-bit samples: scaled by their range before resizing
+            img = img.float() / torch.iinfo(img.dtype).max
+            img = TF.resize(img, [self.resize or self.size], interp, antialias=True)
+            return TF.center_crop(img, [self.size, self.size]).clamp_(0, 1)
+        img = TF.resize(img, [self.resize or self.size], interp, antialias=True)
         return TF.center_crop(img, [self.size, self.size]).float().div_(255)
 
     def fingerprint(self, identity: str) -> str:
@@ -105,6 +133,15 @@ class Preprocessing:
 
 def _rgb(image):
     return image.convert("RGB")
+
+
+def max_pixels() -> int:
+    """The largest image (width x height) oodlab decodes: ``$OODLAB_MAX_PIXELS``, else PIL's default limit."""
+    import os
+
+    from PIL import Image
+
+    return int(os.environ.get("OODLAB_MAX_PIXELS") or Image.MAX_IMAGE_PIXELS or 89_478_485)  # PIL's: 89,478,485
 
 
 #: OpenOOD v1.5's ImageNet evaluation: RGB, resize 256 (bilinear), centre crop 224.
