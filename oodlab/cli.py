@@ -152,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     rule.add_argument("--alpha", type=float, help="false-alarm rate on ID inputs, guaranteed (default 0.05)")
     rule.add_argument("--tpr", type=float, help="fraction of calibration ID inputs to accept instead")
     gb.add_argument("--param", action="append", metavar="KEY=VALUE", help="detector parameter (repeatable)")
-    gb.add_argument("--out", required=True, help="guard folder to write")
+    gb.add_argument("--out", required=True, help="guard folder to write (an existing guard folder is replaced)")
+    gb.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a guard folder")
     gc = gs.add_parser("check", help="flag the images of a folder; writes CSV (file, class, score, p_value, is_ood)")
     gc.add_argument("guard_dir")
     gc.add_argument("images", help="folder of images")
@@ -212,10 +213,13 @@ def _guard(a: argparse.Namespace) -> None:
     from .guard.build import build_guard, check_folder
 
     if a.guard_cmd == "build":
+        from .guard.core import check_guard_out
+
+        check_guard_out(a.out, a.overwrite)  # before any work
         guard = build_guard(_spec(a), a.detector, alpha=a.alpha, tpr=a.tpr, params=_pairs(a.param, "--param"))
         rule = ", ".join(f"{k} = {v}" for k, v in guard.rule.items())
         print(f"guard for {guard.detector.name} ({rule}) calibrated on {guard.calibration_source}: "
-              f"flag when score < {guard.threshold:.6g} -> {guard.save(a.out)}")
+              f"flag when score < {guard.threshold:.6g} -> {guard.save(a.out, a.overwrite)}")
     elif a.guard_cmd == "check":
         out = check_folder(Guard.load(a.guard_dir, device=a.device), a.images, a.out, a.strict)
         print(f"{int(out.is_ood.sum())} of {len(out)} images flagged as out-of-distribution -> {a.out}")

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from ..features import Features, extract
 from ..models.adapter import Classifier, inference_input
 from ..models.zoo import load_checkpoint, save_checkpoint, state_fingerprint
 from .. import validate
-from ..runtime import default_device, file_sha256
+from ..runtime import default_device, file_sha256, sha256_hex
 from .conformal import (FlagRateReport, benjamini_hochberg, flag_rate_test, p_values, rank_for_alpha, rank_for_tpr,
                         sorted_calibration)
 
@@ -201,10 +202,11 @@ class Guard:
                              "normalises them itself (divide uint8 images by 255, do not standardise)")
 
     # -- one folder -----------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Write the guard into ``directory`` atomically (a crash leaves the old folder or none)."""
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write the guard into ``directory`` atomically (a crash leaves the old folder or none). An existing guard
+        folder is replaced; anything else already at ``directory`` is refused unless ``overwrite``."""
         cal = self._calibrated()
-        directory = Path(directory)
+        directory = check_guard_out(directory, overwrite)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
@@ -224,7 +226,9 @@ class Guard:
                 "model": {"fingerprint": state_fingerprint(self.model), "meta": self.model_meta, "file": model_file},
                 "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())},
             }
-            (tmp / "guard.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+            info = json.loads(json.dumps(info, default=str))  # what guard.json will read back as
+            info["sha256"] = _info_sha256(info)  # guard.json covers itself: every file of the folder is checked
+            (tmp / "guard.json").write_text(json.dumps(info, indent=2, sort_keys=True))
             _replace_dir(tmp, directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -284,6 +288,26 @@ class Guard:
 _REQUIRED = ("format", "detector", "rule", "k", "input_shape", "model", "files")
 
 
+def check_guard_out(directory: str | Path, overwrite: bool = False) -> Path:
+    """``directory`` if a guard may be written there: new, or a guard folder (replaced); anything else (a user's
+    folder or file) only with ``overwrite``. Cheap: commands call it before any work."""
+    directory = Path(directory)
+    if directory.exists() and not overwrite and not (directory.is_dir() and (directory / "guard.json").is_file()):
+        kind = "folder" if directory.is_dir() else "file"
+        raise GuardError(f"{directory} is an existing {kind} that is not a guard folder; choose another --out, or "
+                         "pass --overwrite to replace it")
+    parent = directory.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise GuardError(f"cannot write the guard folder {directory}: {parent} is read-only")
+    return directory
+
+
+def _info_sha256(info: dict[str, Any]) -> str:
+    return sha256_hex([json.dumps({k: v for k, v in info.items() if k != "sha256"}, sort_keys=True)])
+
+
 def _read_info(directory: Path) -> dict[str, Any]:
     meta = directory / "guard.json"
     if not meta.is_file():
@@ -300,6 +324,15 @@ def _read_info(directory: Path) -> dict[str, Any]:
     if (not isinstance(info["model"], dict) or "fingerprint" not in info["model"] or not isinstance(info["files"], dict)
             or not isinstance(info["rule"], dict) or not isinstance(info["input_shape"], list)):
         raise GuardError(f"{meta} was edited into a shape oodlab did not write; rebuild the guard with `oodlab guard build`")
+    if "sha256" in info:
+        if info["sha256"] != _info_sha256(info):
+            raise GuardError(f"{meta} was edited (checksum mismatch); rebuild the guard with `oodlab guard build`")
+    else:  # written before guard.json covered itself
+        warnings.warn(f"{meta} has no checksum of its own (an older guard): its other files are checked, it is not; "
+                      "rebuild the guard to cover it", stacklevel=3)
+    n = info.get("n_calibration")
+    if not isinstance(info["k"], int) or not isinstance(n, int) or not 1 <= info["k"] <= n:
+        raise GuardError(f"{meta}: k = {info['k']!r} is not a rank among its {n} calibration scores; rebuild the guard")
     return info
 
 

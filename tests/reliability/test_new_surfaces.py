@@ -63,3 +63,56 @@ def test_guard_with_relative_weights_works_from_another_directory(tmp_path, monk
     images = tmp_path / "data" / "images_classic" / "test_svhn"
     assert main(["guard", "check", str(tmp_path / "g"), str(images), "--out", "flags.csv", "--device", "cpu"]) == 0
     assert (elsewhere / "flags.csv").read_text().count("\n") == 7  # header + 6 images
+
+
+@pytest.fixture(scope="module")
+def built_guard(tmp_path_factory):
+    """An energy guard of the shipped default model (fashionmnist), saved once."""
+    out = tmp_path_factory.mktemp("g") / "guard"
+    assert main(["guard", "build", "energy", "--alpha", "0.1", "--out", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def test_guard_json_is_covered_by_the_checksums(built_guard, tmp_path, capsys):
+    import json
+    import shutil
+
+    g = tmp_path / "g"
+    shutil.copytree(built_guard, g)
+    info = json.loads((g / "guard.json").read_text())
+    info["k"] = 0  # the edit that made `guard check` flag every image
+    (g / "guard.json").write_text(json.dumps(info))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    from PIL import Image
+
+    Image.new("L", (28, 28), 30).save(imgs / "a.png")
+    assert main(["guard", "check", str(g), str(imgs), "--out", str(tmp_path / "f.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "guard.json was edited (checksum mismatch)" in err and err.count("\n") == 1
+    assert not (tmp_path / "f.csv").exists()
+    del info["sha256"]  # an edited guard that drops its own checksum still cannot pass a k outside its ranks
+    info["k"] = 10**9
+    (g / "guard.json").write_text(json.dumps(info))
+    assert main(["guard", "check", str(g), str(imgs), "--out", str(tmp_path / "f.csv")]) == 2
+    assert "is not a rank among its" in capsys.readouterr().err
+
+
+def test_guard_out_never_removes_a_users_files(built_guard, tmp_path, capsys):
+    import shutil
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    assert main(["guard", "build", "energy", "--out", str(user), "--device", "cpu"]) == 2
+    assert "not a guard folder" in capsys.readouterr().err and (user / "notes.txt").read_text() == "keep me"
+    afile = tmp_path / "a-file"
+    afile.write_text("data")
+    assert main(["guard", "build", "energy", "--out", str(afile), "--device", "cpu"]) == 2
+    assert afile.read_text() == "data" and not list(tmp_path.glob(".a-file*"))
+    again = tmp_path / "again"
+    shutil.copytree(built_guard, again)  # an existing guard folder is replaced
+    assert main(["guard", "build", "energy", "--alpha", "0.2", "--out", str(again), "--device", "cpu"]) == 0
+    assert '"alpha": 0.2' in (again / "guard.json").read_text()
+    assert main(["guard", "build", "energy", "--out", str(user), "--overwrite", "--device", "cpu"]) == 0
+    assert (user / "guard.json").is_file() and not (user / "notes.txt").exists()
