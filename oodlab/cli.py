@@ -117,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="train the default model with the default recipe (cached) instead of using the shipped one")
     b.add_argument("--param", action="append", metavar="DET.KEY=VALUE", help="detector parameter, e.g. ash-b.percentile=65")
     b.add_argument("--out", help="results folder (default: runs/<suite>-<date>); re-using one resumes")
+    b.add_argument("--overwrite", action="store_true", help="write into an --out folder that holds other files")
     b.add_argument("--batch-size", type=int, default=512)
     b.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32",
                    help="storage of the cached features (float16: half the disk and read volume)")
@@ -192,7 +193,7 @@ def _bench(a: argparse.Namespace) -> None:
 
     run_bench(_spec(a), detectors=a.detectors, out_dir=a.out, params=_detector_params(a.param),
               batch_size=a.batch_size, command=shlex.join(["oodlab", *a.argv]), cache_dtype=a.cache_dtype,
-              search=a.search, fsood=a.fsood)
+              search=a.search, fsood=a.fsood, overwrite=a.overwrite)
 
 
 def _fit(a: argparse.Namespace) -> None:
@@ -272,10 +273,15 @@ def main(argv: list[str] | None = None) -> int:
             joined = distributed.init()  # under torchrun: join the process group (gloo on CPU, NCCL on CUDA)
         handlers[args.cmd](args)
         done = True
-    except (ValueError, FileNotFoundError, TypeError, MemoryError) as exc:
+    except Exception as exc:  # a user's error is one line; anything else too, with the way to its traceback
         if args.debug or os.environ.get("OODLAB_DEBUG"):
             raise
-        print(f"oodlab {args.cmd}: error: {exc}", file=sys.stderr)
+        where = f" (rank {distributed.rank()} of {distributed.world_size()})" if distributed.world_size() > 1 else ""
+        expected = isinstance(exc, (ValueError, OSError, TypeError, MemoryError))
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if not expected:
+            text = f"{type(exc).__name__}: {text} (an unexpected error: --debug shows its traceback)"
+        print(f"oodlab {args.cmd}{where}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished epochs / detectors are saved; run the same command again to resume",

@@ -12,7 +12,7 @@ from oodlab.data.openood import BENCHMARKS
 def make_openood_tree(root: Path, benchmark: str, per_set: int = 3, seed: int = 0) -> dict[str, list[str]]:
     """Write ``root/benchmark_imglist/<lists>/*.txt`` and the images they name; returns {list file: image paths}.
 
-    ID lists cycle through the first classes; OOD lists carry OpenOOD's -1 (test_cifar100 carries CIFAR-100 class
+    ID lists cycle through the classes; OOD lists carry OpenOOD's -1 (test_cifar100 carries CIFAR-100 class
     ids, as OpenOOD's own list does, to check that OOD labels are ignored). Each set's images have their own
     brightness so that sets differ."""
     b = BENCHMARKS[benchmark]
@@ -31,7 +31,7 @@ def make_openood_tree(root: Path, benchmark: str, per_set: int = 3, seed: int = 
             pixels = (rng.random((36, 40, 3)) * 60 + 20 * (k % 10)).astype(np.uint8)
             (root / sub / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(root / sub / rel)
-            label = i % 2 if labelled else (50 + i if role == "cifar100" else -1)
+            label = i % b.num_classes if labelled else (50 + i if role == "cifar100" else -1)
             lines.append(f"{rel} {label}")
             paths.append(rel)
         (lists / file).write_text("\n".join(lines) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import platform
 import sys
 import time
@@ -46,6 +47,20 @@ def parse_detectors(names: str | list[str] | None, params: dict[str, dict[str, A
     return [create(n, **params.get(n, {})) for n in chosen]
 
 
+def check_results_dir(out: Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, an ``--out`` that is a file or a folder of someone else's files (one line)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the results")
+    if out.is_dir() and not overwrite and any(out.iterdir()) and not (out / "results.jsonl").exists():
+        raise ValueError(f"--out {out} is a folder that holds other files (no results.jsonl of an earlier run); choose "
+                         "another, or pass --overwrite to write the results among them")
+    parent = out if out.exists() else out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: {parent} is read-only")
+
+
 def _versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
     for pkg in ("oodlab", "torch", "torchvision", "numpy", "scikit-learn", "faiss-cpu", "zuko"):
@@ -59,7 +74,7 @@ def _versions() -> dict[str, str]:
 def run_bench(spec: RunSpec, *, detectors: str | list[str] | None = None, out_dir: str | Path | None = None,
               params: dict[str, dict[str, Any]] | None = None, batch_size: int = 512, command: str | None = None,
               verbose: bool = True, cache_dtype: str = "float32", search: bool = False,
-              fsood: bool = False) -> list[dict[str, Any]]:
+              fsood: bool = False, overwrite: bool = False) -> list[dict[str, Any]]:
     """Evaluate ``detectors`` (default: every registered one) on the model and suite ``spec`` names (see
     :func:`oodlab.specs.resolve`) and write results into ``out_dir``. Returns the result rows.
     ``cache_dtype="float16"`` stores the cached features in half precision (half the disk and read
@@ -68,13 +83,17 @@ def run_bench(spec: RunSpec, *, detectors: str | list[str] | None = None, out_di
     Besides oodlab's tables, ``openood.csv`` holds OpenOOD's ``eval_ood`` table (:mod:`oodlab.bench.openood`).
     ``search``: each detector's parameters chosen first on validation data by OpenOOD's grid
     (:mod:`oodlab.bench.search`). ``fsood``: also OpenOOD's full-spectrum setting (ID test plus the
-    covariate-shifted ID sets), written apart into ``out_dir/fsood/``; its rows are not returned.
+    covariate-shifted ID sets), written apart into ``out_dir/fsood/``; its rows are not returned. ``out_dir``
+    must be new or a results folder of an earlier run (which then resumes); a file, or a folder holding other
+    files, is refused before any work unless ``overwrite`` (oodlab then writes its files among them).
 
     Under ``torchrun`` every rank extracts its own part of each data set into the shared feature
     cache; rank 0 alone fits, scores and writes (the other ranks return an empty list)."""
     if cache_dtype not in ("float32", "float16"):
         raise ValueError(f"cache_dtype must be 'float32' or 'float16', got {cache_dtype!r}")
     integer("batch_size", batch_size, 1)
+    if out_dir is not None:
+        check_results_dir(Path(out_dir), overwrite)
     dets = parse_detectors(detectors, params)
     loaded, suite_obj = resolve(spec)
     if search and suite_obj.ood_val is None:

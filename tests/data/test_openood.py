@@ -46,7 +46,7 @@ def test_benchmark_reads_every_list_as_data_info_says(benchmark, tmp_path, patch
     assert [len(x) for x in (s.id_train, s.id_val, s.id_test, s.ood_val)] == [3, 3, 3, 3]
     size = 32 if benchmark.startswith("cifar") else 224
     assert s.input_shape == (3, size, size) and s.id_test.dataset[0][0].shape == (3, size, size)
-    assert [int(s.id_test.dataset[i][1]) for i in range(3)] == [0, 1, 0]  # ID labels as listed
+    assert [int(s.id_test.dataset[i][1]) for i in range(3)] == [0, 1, 2]  # ID labels as listed
     assert all(int(d.dataset[i][1]) == -1 for d in s.ood.values() for i in range(3))  # OOD labels ignored, as OpenOOD
     # each set is the files its own list names
     first = {name: str(d.dataset.files[0]) for name, d in s.ood.items()}

@@ -116,3 +116,38 @@ def test_guard_out_never_removes_a_users_files(built_guard, tmp_path, capsys):
     assert '"alpha": 0.2' in (again / "guard.json").read_text()
     assert main(["guard", "build", "energy", "--out", str(user), "--overwrite", "--device", "cpu"]) == 0
     assert (user / "guard.json").is_file() and not (user / "notes.txt").exists()
+
+
+def test_bench_out_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    import oodlab.bench.api as api
+
+    monkeypatch.setattr(api, "resolve", lambda *a, **k: pytest.fail("worked before checking --out"))
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main(["bench", "--detectors", "energy", "--out", str(afile)]) == 2
+    assert "is a file" in capsys.readouterr().err and afile.read_text() == "mine"
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "results.md").write_text("my own notes")
+    assert main(["bench", "--detectors", "energy", "--out", str(user)]) == 2
+    err = capsys.readouterr().err
+    assert "holds other files" in err and err.count("\n") == 1 and (user / "results.md").read_text() == "my own notes"
+
+
+def test_unexpected_errors_are_one_line_with_the_way_to_the_traceback(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import oodlab.bench.api as api
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(api, "resolve", full_disk)
+    assert main(["bench", "--detectors", "energy", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == "oodlab bench: error: [Errno 28] No space left on device\n"
+    monkeypatch.setattr(api, "resolve", lambda *a, **k: [][1])  # a bug, not the user's doing
+    assert main(["bench", "--detectors", "energy", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("oodlab bench: error: IndexError: list index out of range") and "--debug" in err
+    assert err.count("\n") == 1
