@@ -16,6 +16,9 @@ A suite file::
     [ood.far]
     textures = { list = "lists/textures.txt", root = "/data/images_classic" }
 
+List entries must stay under their root (no absolute paths, no ``..``) unless the file says
+``allow_outside_root = true`` at the top.
+
 Images are read with the model's preprocessing, so the same file serves any model.
 """
 
@@ -33,7 +36,7 @@ from .suites import Suite
 
 __all__ = ["suite_from_spec", "load_suite_file", "suite_from_flags"]
 
-_TOP = {"name", "root", "num_classes", "id", "ood"}
+_TOP = {"name", "root", "num_classes", "id", "ood", "allow_outside_root"}
 _ID = {"train", "test", "val"}
 _GROUPS = {"near", "far"}
 _SET = {"folder", "list", "root"}
@@ -50,7 +53,7 @@ def _unknown(where: str, keys: set[str], allowed: set[str]) -> None:
 
 
 def _image_set(entry: Any, name: str, base: Path, prep: Preprocessing, where: str, labelled: bool,
-               classes: list[str] | None, num_classes: int | None) -> ImageSet:
+               classes: list[str] | None, num_classes: int | None, outside: bool = False) -> ImageSet:
     if isinstance(entry, str):
         entry = {"list": entry} if entry.endswith(".txt") else {"folder": entry}
     if not isinstance(entry, dict):
@@ -60,7 +63,7 @@ def _image_set(entry: Any, name: str, base: Path, prep: Preprocessing, where: st
     if ("folder" in entry) == ("list" in entry):
         raise SuiteSpecError(f"{where}: {name} needs exactly one of 'folder' and 'list'")
     if "list" in entry:
-        return folder.load_list(root / entry["list"], root, name, prep, num_classes)
+        return folder.load_list(root / entry["list"], root, name, prep, num_classes, allow_outside_root=outside)
     return folder.load(root / entry["folder"], name, prep, labelled=labelled, classes=classes)
 
 
@@ -78,18 +81,21 @@ def suite_from_spec(spec: dict[str, Any], prep: Preprocessing, base: str | Path 
     _unknown(f"{where}: [ood]", set(oods), _GROUPS)
     root = base / spec["root"] if "root" in spec else base
     num_classes = integer(f"{where}: num_classes", spec.get("num_classes"), 1, allow_none=True)
-    train = _image_set(ids["train"], "id-train", root, prep, where, True, None, num_classes)
+    outside = spec.get("allow_outside_root", False)
+    if not isinstance(outside, bool):
+        raise SuiteSpecError(f"{where}: allow_outside_root must be true or false, got {outside!r}")
+    train = _image_set(ids["train"], "id-train", root, prep, where, True, None, num_classes, outside)
     classes = getattr(train.dataset, "classes", None) or None  # class folders: test and val map by name
     num_classes = num_classes or train.num_classes or 1 + max(train.dataset.labels)  # type: ignore[attr-defined]
-    test = _image_set(ids["test"], "id-test", root, prep, where, True, classes, num_classes)
-    val = _image_set(ids["val"], "id-val", root, prep, where, True, classes, num_classes) if "val" in ids else None
+    test = _image_set(ids["test"], "id-test", root, prep, where, True, classes, num_classes, outside)
+    val = _image_set(ids["val"], "id-val", root, prep, where, True, classes, num_classes, outside) if "val" in ids else None
     sets: dict[str, ImageSet] = {}
     groups: dict[str, list[str]] = {"near": [], "far": []}
     for group in ("near", "far"):
         for name, entry in (oods.get(group) or {}).items():
             if name in sets:
                 raise SuiteSpecError(f"{where}: OOD set {name!r} appears twice")
-            sets[name] = _image_set(entry, name, root, prep, where, False, None, None)
+            sets[name] = _image_set(entry, name, root, prep, where, False, None, None, outside)
             groups[group].append(name)
     return Suite(spec.get("name", "custom"), train, test, sets, groups, int(num_classes), prep.input_shape, id_val=val)
 

@@ -65,6 +65,10 @@ class Suite:
                              "rename it")
         for name in [self.name, *self.ood, *self.csid, *(s.name for s in self._sets())]:
             check_name(name, f"suite {self.name}")
+        for name, data in self.ood.items():
+            if shared := _shared_items(data, self.id_test):
+                warnings.warn(f"suite {self.name}: OOD set {name!r} shares {shared} of its {len(data)} images with ID "
+                              f"test ({self.id_test.name}); its AUROC then says little", stacklevel=3)
 
     def _sets(self) -> list[ImageSet]:
         return [s for s in (self.id_train, self.id_test, self.id_val, self.ood_val, *self.ood.values(),
@@ -111,6 +115,16 @@ class Suite:
             raise ValueError(f"fraction must be in (0, 1), got {fraction}")
         n = max(1, round(fraction * len(self.id_train)))
         return dataclasses.replace(self.id_train.subset(n, seed), name=f"{self.id_train.name}-held-out")
+
+
+def _shared_items(a: ImageSet, b: ImageSet) -> int:
+    """How many items two data sets share: the same files (resolved paths), or all of them for equal content."""
+    if a.fingerprint == b.fingerprint:
+        return len(a)
+    fa, fb = getattr(a.dataset, "files", None), getattr(b.dataset, "files", None)
+    if fa is None or fb is None:
+        return 0
+    return len({p.resolve() for p in fa} & {p.resolve() for p in fb})
 
 
 SUITES: Registry[Callable[..., Suite]] = Registry("suite")

@@ -42,7 +42,7 @@ class ViM(Detector):
             raise ValueError(f"dim={dim} leaves no residual for {d}-d features; choose dim < {d}")
         w, b = self.weight.double(), self.bias.double()
         u = -torch.linalg.pinv(w) @ b
-        moment = class_moments(train, transform=lambda z: z.double() - u).scatter
+        moment = class_moments(train, transform=lambda z: z.double() - u, centred=False).scatter
         _, vecs = torch.linalg.eigh(moment / len(train))  # ascending eigenvalues
         residual = vecs[:, : d - dim].contiguous()
         self.state.update(origin=u, residual=residual)

@@ -31,50 +31,62 @@ __all__ = ["Moments", "class_moments", "mean_features", "percentile", "column_pe
 
 @dataclass(frozen=True)
 class Moments:
-    """Float64 sums over rows: per-class ``sums`` (C, D) and ``counts`` (C,), and ``scatter = sum z z^T``."""
+    """Float64 sums over rows of ``z - shift``: per-class ``sums`` (C, D) and ``counts`` (C,), and
+    ``scatter = sum (z - shift)(z - shift)^T``.
+
+    The shift (the first row, for covariances; zero for the plain second moment) keeps the sums at the scale of
+    the data's spread: a covariance taken as ``E[z z^T] - mu mu^T`` from raw sums loses everything below
+    ``eps * |mu|^2``, and features far from the origin (a ReLU network's) then leave rounding noise where the
+    covariance is zero, which a pseudo-inverse turns into huge precisions (constant Mahalanobis scores)."""
 
     sums: Tensor
     counts: Tensor
     scatter: Tensor
+    shift: Tensor
 
     @property
     def n(self) -> float:
         return float(self.counts.sum())
 
     def class_means(self) -> Tensor:
-        return self.sums / self.counts[:, None]
+        return self.sums / self.counts[:, None] + self.shift
 
     def shared_covariance(self) -> Tensor:
         """Maximum-likelihood covariance around the class means (divided by N), symmetrised."""
-        means = self.class_means()
+        means = self.sums / self.counts[:, None]  # of z - shift
         cov = (self.scatter - (means.T * self.counts) @ means) / self.n
         return (cov + cov.T) / 2
 
     def mean(self) -> Tensor:
-        return self.sums.sum(0) / self.n
+        return self.sums.sum(0) / self.n + self.shift
 
     def covariance(self) -> Tensor:
         """Maximum-likelihood covariance of all rows around their one mean, symmetrised."""
-        mean = self.mean()
+        mean = self.sums.sum(0) / self.n  # of z - shift
         cov = (self.scatter - self.n * torch.outer(mean, mean)) / self.n
         return (cov + cov.T) / 2
 
 
 def class_moments(source: FeatureSource, num_classes: int = 1,
-                  transform: Callable[[Tensor], Tensor] | None = None) -> Moments:
+                  transform: Callable[[Tensor], Tensor] | None = None, centred: bool = True) -> Moments:
     """:class:`Moments` of ``transform(z)`` (default ``z``) over ``source``, by class when ``num_classes`` > 1
-    (then the labels are required), in one pass over its chunks."""
+    (then the labels are required), in one pass over its chunks. ``centred``: sums are shifted by the first row
+    (for covariances); ``False`` keeps raw sums, whose ``scatter`` is the plain second moment ``sum z z^T``."""
     sums = torch.zeros(num_classes, source.dim, dtype=torch.float64)
     counts = torch.zeros(num_classes, dtype=torch.float64)
     scatter = torch.zeros(source.dim, source.dim, dtype=torch.float64)
+    shift = None
     for chunk in source.chunks():
         z = transform(chunk.z) if transform is not None else chunk.z.double()
         z = z.double()
+        if shift is None:
+            shift = z[0].clone() if centred and len(z) else torch.zeros(source.dim, dtype=torch.float64)
+        z = z - shift
         y = chunk.labels.long() if num_classes > 1 else torch.zeros(len(z), dtype=torch.long)
         sums.index_add_(0, y, z)
         counts += torch.bincount(y, minlength=num_classes).double()
         scatter.addmm_(z.T, z)
-    return Moments(sums, counts, scatter)
+    return Moments(sums, counts, scatter, shift if shift is not None else torch.zeros(source.dim, dtype=torch.float64))
 
 
 def mean_features(source: FeatureSource) -> Tensor:

@@ -69,3 +69,30 @@ def test_needs_labels_and_every_class():
         create("mahalanobis").fit(feats(TRAIN_Z), nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"classes \[2\]"):
         create("mahalanobis").fit(feats(TRAIN_Z, TRAIN_Y), nn.Linear(2, 3))
+
+
+@pytest.mark.parametrize("name", ["mahalanobis", "rmds"])
+def test_features_far_from_the_origin_keep_their_distances(name):
+    """ReLU features sit far from the origin relative to their spread; with fewer samples than dimensions the
+    covariance is singular. Raw second moments then lost the covariance to rounding and the pseudo-inverse blew the
+    noise up (constant scores, AUROC 0.55 where the distances give 1.0): the sums are now shifted."""
+    torch.manual_seed(0)
+    n, d, k = 200, 512, 10
+    w = torch.randn(d, d) / d**0.5
+    z, y = 30 + 0.01 * torch.randn(n, d) @ w, torch.arange(n) % k
+    test = 30 + 0.01 * torch.randn(300, d) @ w
+    head = torch.nn.Linear(d, k)
+    det = create(name).fit(Features(z, head(z).detach(), y), head)
+    got = det.score(Features(test, head(test).detach()))
+    mu = torch.stack([z[y == c].double().mean(0) for c in range(k)])
+    xc = z.double() - mu[y]
+    precision = torch.linalg.pinv(xc.T @ xc / n, hermitian=True)
+    dist = lambda x, m, p: (((x.double() - m) @ p) * (x.double() - m)).sum(1)  # noqa: E731  (differences first)
+    want = -torch.stack([dist(test, mu[c], precision) for c in range(k)], 1)
+    if name == "rmds":
+        g = z.double().mean(0)
+        p0 = torch.linalg.pinv((z.double() - g).T @ (z.double() - g) / n, hermitian=True)
+        want = want + dist(test, g, p0)[:, None]
+    want = want.max(1).values
+    assert got.unique().numel() == 300
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))

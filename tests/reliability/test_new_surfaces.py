@@ -151,3 +151,77 @@ def test_unexpected_errors_are_one_line_with_the_way_to_the_traceback(tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith("oodlab bench: error: IndexError: list index out of range") and "--debug" in err
     assert err.count("\n") == 1
+
+
+def _list_tree(tmp_path, lines: bytes):
+    from PIL import Image
+
+    for i in range(3):
+        (tmp_path / "imgs").mkdir(exist_ok=True)
+        Image.new("L", (8, 8), 50 * i).save(tmp_path / "imgs" / f"{i}.png")
+    (tmp_path / "list.txt").write_bytes(lines)
+    return tmp_path / "list.txt"
+
+
+def test_image_lists_stay_under_their_root_and_say_what_is_wrong(tmp_path, caplog):
+    from oodlab.data.preprocessing import Preprocessing
+    from oodlab.data.sources import folder
+
+    prep = Preprocessing(8, 1)
+    outside = _list_tree(tmp_path, b"imgs/0.png 0\n/etc/passwd 1\n")
+    with pytest.raises(ValueError, match=r"list.txt:2: '/etc/passwd' leaves the list's root"):
+        folder.load_list(outside, tmp_path, prep=prep)
+    up = _list_tree(tmp_path, b"imgs/0.png 0\n../x/1.png 1\n")
+    with pytest.raises(ValueError, match="leaves the list's root"):
+        folder.load_list(up, tmp_path / "imgs", prep=prep)
+    latin = _list_tree(tmp_path, "imgs/0.png 0\nimgs/f\u00fcr.png 1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"list.txt:2: not UTF-8 \(byte 0xfc\)"):
+        folder.load_list(latin, tmp_path, prep=prep)
+    huge = _list_tree(tmp_path, b"imgs/0.png 99999999999999999999999\n")
+    with pytest.raises(ValueError, match="list.txt:1: label 99999999999999999999999 is not a class index"):
+        folder.load_list(huge, tmp_path, prep=prep)
+    twice = _list_tree(tmp_path, b"imgs/0.png 0\nimgs/0.png 0\nimgs/1.png 1\n")
+    data = folder.load_list(twice, tmp_path, prep=prep)
+    assert len(data) == 3 and "lists 1 images more than once" in caplog.text
+
+
+def test_folders_follow_symlinks_once_and_cache_keys_see_content(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from oodlab.data.preprocessing import Preprocessing
+    from oodlab.data.sources import folder
+
+    real = tmp_path / "real"
+    real.mkdir()
+    for i in range(5):
+        Image.new("L", (8, 8), 40 * i).save(real / f"{i}.png")
+    top = tmp_path / "top"
+    top.mkdir()
+    for i in range(5):
+        Image.new("L", (8, 8), 40 * i + 1).save(top / f"t{i}.png")
+    os.symlink(real, top / "linked")
+    os.symlink(top, real / "back")  # a link back up the tree
+    data = folder.load(top, prep=Preprocessing(8, 1))
+    assert len(data) == 10  # the 5 reachable through the link too, and the loop walked once
+    # same names, sizes and mtimes, other contents: another data set for the cache
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, value in ((a, 10), (b, 200)):
+        d.mkdir()
+        Image.new("L", (8, 8), value).save(d / "x.png")
+        os.utime(d / "x.png", ns=(1_000_000_000, 1_000_000_000))
+    assert (a / "x.png").stat().st_size == (b / "x.png").stat().st_size
+    fa = folder.load(a, name="s", prep=Preprocessing(8, 1)).fingerprint
+    fb = folder.load(b, name="s", prep=Preprocessing(8, 1)).fingerprint
+    assert fa != fb
+
+
+def test_an_ood_set_that_is_the_id_test_set_is_named(tmp_path):
+    import dataclasses
+
+    from helpers import make_tiny_suite
+
+    s = make_tiny_suite()
+    with pytest.warns(UserWarning, match="OOD set 'same' shares 48 of its 48 images with ID test"):
+        dataclasses.replace(s, ood={**s.ood, "same": s.id_test}, groups={"near": ["stripes", "same"], "far": ["noise"]})

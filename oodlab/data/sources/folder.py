@@ -12,6 +12,7 @@ label :data:`~oodlab.data.base.BROKEN`, and :func:`~oodlab.features.extract` rep
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,11 +58,29 @@ class ImageFiles(Dataset):
 
 
 def _fingerprint(root: Path, files: list[Path], labels: list[int], kind: str, prep: Preprocessing) -> str:
+    """Identity of listed files: path, size, mtime, and inode + ctime, so that other contents under the same names,
+    sizes and mtimes (a copy, a file rewritten and its mtime set back) are another data set. ctime cannot be set by
+    a user and the numbers come from the one stat() per file already made: no file is read."""
     def lines():
         for p, y in zip(files, labels):
             st = p.stat()
-            yield f"{p.relative_to(root) if p.is_relative_to(root) else p}|{st.st_size}|{st.st_mtime_ns}|{y}\n"
-    return prep.fingerprint(f"{kind}:{sha256_hex(lines())}")
+            rel = p.relative_to(root) if p.is_relative_to(root) else p
+            yield f"{rel}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}|{y}\n"
+    return prep.fingerprint(f"{kind}:v2:{sha256_hex(lines())}")
+
+
+def image_files(root: Path) -> list[Path]:
+    """Every image file under ``root``, through symbolic links too (each real folder once), sorted."""
+    seen: set[str] = set()
+    out: list[Path] = []
+    for folder_path, sub_folders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder_path)
+        if real in seen:  # a link back up the tree: its files are listed already
+            sub_folders[:] = []
+            continue
+        seen.add(real)
+        out += [Path(folder_path) / n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p for p in out if p.is_file())
 
 
 def load(root: str | Path, name: str | None = None, prep: Preprocessing | None = None, labelled: bool = False,
@@ -75,7 +94,7 @@ def load(root: str | Path, name: str | None = None, prep: Preprocessing | None =
     prep = prep or Preprocessing(32, 3)
     if not root.is_dir():
         raise DataMissingError(f"image folder {root} does not exist; pass the folder that holds the images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = image_files(root)
     if not files:
         raise DataMissingError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
     names: list[str] = []
@@ -99,20 +118,28 @@ def load(root: str | Path, name: str | None = None, prep: Preprocessing | None =
 
 def load_list(list_file: str | Path, root: str | Path | Sequence[str | Path], name: str | None = None,
               prep: Preprocessing | None = None, num_classes: int | None = None,
-              expected: int | None = None, ood: bool = False) -> ImageSet:
+              expected: int | None = None, ood: bool = False, allow_outside_root: bool = False) -> ImageSet:
     """An OpenOOD-style image list: ``<path> <label>`` per line, paths relative to ``root``.
 
     ``root`` may be several folders: the first one holding the list's first image is used for all.
     Every file must exist and every label lie in ``[0, num_classes)`` or be -1 (no label);
     ``expected`` checks the line count. ``ood``: an OOD list, whose labels are ignored (as OpenOOD does).
+    An entry that leaves its root (an absolute path, ``..``) is refused unless ``allow_outside_root``: a list
+    from someone else cannot make oodlab open any file. The list must be UTF-8; a line listed twice warns.
     """
     list_file = Path(list_file)
     prep = prep or Preprocessing(32, 3)
     if not list_file.is_file():
         raise DataMissingError(f"image list {list_file} does not exist")
+    raw = list_file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = raw[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{list_file}:{line_no}: not UTF-8 (byte {raw[exc.start]:#04x}); save the list as UTF-8") from None
     entries: list[tuple[str, int]] = []
     lines: list[int] = []
-    for n, line in enumerate(list_file.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
@@ -122,6 +149,12 @@ def load_list(list_file: str | Path, root: str | Path | Sequence[str | Path], na
             raise ValueError(f"{list_file}:{n}: expected '<relative path> <integer label>', got {line!r}") from None
         if len(parts) < 2:
             raise ValueError(f"{list_file}:{n}: expected '<relative path> <label>', got {line!r}")
+        if not -1 <= entries[-1][1] < 2**31:
+            raise ValueError(f"{list_file}:{n}: label {entries[-1][1]} is not a class index (0 ... 2^31 - 1) or -1")
+        rel = Path(parts[0])
+        if not allow_outside_root and (rel.is_absolute() or ".." in rel.parts):
+            raise ValueError(f"{list_file}:{n}: {parts[0]!r} leaves the list's root; a list names files under its "
+                             "root (set allow_outside_root = true in the suite file to allow it)")
         lines.append(n)
     if not entries:
         raise DataMissingError(f"image list {list_file} is empty")
@@ -134,6 +167,12 @@ def load_list(list_file: str | Path, root: str | Path | Sequence[str | Path], na
         raise DataMissingError(f"{entries[0][0]} (first entry of {list_file}) is in none of "
                                f"{', '.join(map(str, roots))}; pass the data root that holds it")
     files = [base / p for p, _ in entries]
+    if len(set(files)) < len(files):
+        import collections
+
+        twice = next(f for f, c in collections.Counter(files).items() if c > 1)
+        log.warning("%s lists %d images more than once (e.g. %s): each counts as often as it is listed", list_file,
+                    len(files) - len(set(files)), twice)
     missing = [i for i, f in enumerate(files) if not f.is_file()]
     if missing:
         raise DataMissingError(f"{len(missing)} files listed in {list_file} are missing, e.g. {files[missing[0]]} "
