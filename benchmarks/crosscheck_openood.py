@@ -259,6 +259,16 @@ def prepare(a) -> tuple[Run, str]:
     run = Run(clf, clf.for_inference(), small, sets, feats, x, y, list(small.ood), f"oodlab_{small.name}")
     with torch.no_grad():
         drift = float((OpenOODNet(run.fast)(x["test"]) - feats["test"].logits).abs().max())
+    own = ""
+    if str(loaded.spec).startswith("openood:resnet18_32x32"):  # OpenOOD's own module on the same best.ckpt
+        from openood.networks.resnet18_32x32 import ResNet18_32x32
+
+        theirs = ResNet18_32x32(num_classes=clf.num_classes).eval()
+        theirs.load_state_dict(torch.load(a.weights, map_location="cpu", weights_only=True))
+        with torch.no_grad():
+            gap = float((theirs(x["test"]) - feats["test"].logits).abs().max())
+        own = (f" OpenOOD's own `ResNet18_32x32` module, loaded with the same `best.ckpt`, gives logits equal to "
+               f"`{loaded.spec}`'s on ID test to {gap:.1e} (max abs).")
     full = {"train": len(suite.id_train), "val": len(val), "test": len(suite.id_test),
             **{k: len(v) for k, v in suite.ood.items()}}
     names = {"train": "ID train", "val": f"ID val `{val.name}`", "test": "ID test"}
@@ -270,7 +280,7 @@ def prepare(a) -> tuple[Run, str]:
     about = (f"Model `{spec}` ({loaded.model_id}; {clf.feature_dim}-d features, {clf.num_classes} classes, "
              f"input {tuple(loaded.input_shape)}), suite `{small.name}`; images per set (seeded subsets, seed "
              f"{a.seed}, at most {a.max_per_set or 'all'}): {sizes}. OpenOOD's net wrapper reproduces oodlab's "
-             f"logits on ID test to {drift:.1e} (max abs).")
+             f"logits on ID test to {drift:.1e} (max abs).{own}")
     return run, about
 
 

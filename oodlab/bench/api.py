@@ -47,13 +47,19 @@ def parse_detectors(names: str | list[str] | None, params: dict[str, dict[str, A
     return [create(n, **params.get(n, {})) for n in chosen]
 
 
+#: What a results folder holds (an earlier, maybe interrupted, run's folder resumes).
+_RESULTS = {"results.jsonl", "scores", "results.json", "results.csv", "results.md", "openood.csv", "figures",
+            "report.html", "fsood"}
+
+
 def check_results_dir(out: Path, overwrite: bool = False) -> None:
     """Refuse, before any work, an ``--out`` that is a file or a folder of someone else's files (one line)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the results")
-    if out.is_dir() and not overwrite and any(out.iterdir()) and not (out / "results.jsonl").exists():
-        raise ValueError(f"--out {out} is a folder that holds other files (no results.jsonl of an earlier run); choose "
-                         "another, or pass --overwrite to write the results among them")
+    others = sorted(p.name for p in out.iterdir() if p.name not in _RESULTS) if out.is_dir() else []
+    if others and not overwrite:
+        raise ValueError(f"--out {out} is a folder that holds other files ({', '.join(others[:3])}); choose another, "
+                         "or pass --overwrite to write the results among them")
     parent = out if out.exists() else out.parent
     while not parent.exists():
         parent = parent.parent

@@ -128,10 +128,11 @@ def test_bench_out_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
     assert "is a file" in capsys.readouterr().err and afile.read_text() == "mine"
     user = tmp_path / "user"
     user.mkdir()
-    (user / "results.md").write_text("my own notes")
+    (user / "notes.txt").write_text("my own notes")
     assert main(["bench", "--detectors", "energy", "--out", str(user)]) == 2
     err = capsys.readouterr().err
-    assert "holds other files" in err and err.count("\n") == 1 and (user / "results.md").read_text() == "my own notes"
+    assert "holds other files (notes.txt)" in err and err.count("\n") == 1
+    assert (user / "notes.txt").read_text() == "my own notes"
 
 
 def test_unexpected_errors_are_one_line_with_the_way_to_the_traceback(tmp_path, capsys, monkeypatch):
