@@ -178,9 +178,6 @@ class OpenOODNet(nn.Module):
         """As OpenOOD's ResNet18_32x32: the pooled feature clipped from above at ``threshold``, then fc."""
         return self.fc(self.clf.pool(self._body(x)).clip(max=threshold))
 
-    def intermediate_forward(self, x: Tensor, layer_index: int) -> Tensor:
-        raise NotImplementedError("no compared method reads intermediate layers")
-
     def get_fc(self) -> tuple[np.ndarray, np.ndarray]:
         return self.fc.weight.detach().cpu().numpy(), self.fc.bias.detach().cpu().numpy()
 
@@ -309,6 +306,16 @@ def cases() -> list[Case]:
     same = "same definition"
     fp32 = ("OpenOOD's softmax runs in float32, oodlab's in float64: confident samples tie at 1.0 in float32 only, and "
             "ties move AUROC")
+    singular = ("with {n_train} ID-train features of {dim} dimensions the class-centred covariance is singular (rank at "
+                "most {rank}); OpenOOD's float32 sklearn estimate keeps its rounding noise as hundreds of tiny "
+                "eigenvalues, which its pseudo-inverse turns into huge precisions along arbitrary directions, while "
+                "oodlab's float64 covariance (from shifted sums) keeps the true rank and equals the exact distances "
+                "(tests/detectors/test_mahalanobis.py); with more features than dimensions (the Fashion-MNIST run) "
+                "the two agree. An earlier oodlab gave constant scores here (raw second moments): fixed")
+    subspace = ("with {n_train} fitting features of {dim} dimensions the second moment has rank at most {n_train}, so "
+                "the principal subspace ({vim_dim} / {res_dim} directions) reaches into its null space, where any basis "
+                "is an eigenbasis: OpenOOD's eig and oodlab's eigh pick different ones, and the residual norms differ "
+                "(on the Fashion-MNIST run, more features than dimensions, they agree)")
     return [
         Case("msp", "msp", "", "", True, same, why=fp32),
         Case("mls", "maxlogit", "", "", True, same),
@@ -322,8 +329,8 @@ def cases() -> list[Case]:
              "AUROC; oodlab's float64 keeps them apart (OpenOOD's procedure redone in float64 gives oodlab's scores)"),
         Case("mds", "mahalanobis", "", "", True,
              "class means from train labels, shared covariance; OpenOOD: sklearn EmpiricalCovariance (float32, "
-             "pinvh), oodlab: float64 pseudo-inverse"),
-        Case("rmds", "rmds", "", "", True, "as MDS, plus the class-agnostic background distance"),
+             "pinvh), oodlab: float64 pseudo-inverse", why=singular),
+        Case("rmds", "rmds", "", "", True, "as MDS, plus the class-agnostic background distance", why=singular),
         Case("react", "react", "p=90", "oodlab fits on ID val (its default: ID train)", True,
              "clip at the 90th percentile of all ID-val activations (np.percentile in both); OpenOOD wraps the net "
              "in ReactNet", fit="val"),
@@ -335,11 +342,12 @@ def cases() -> list[Case]:
         Case("vim", "vim", "dim={vim_dim}", "dim={vim_dim} in both",
              True, "OpenOOD's default dim 256 must be below D (it leaves an empty residual otherwise: NaN scores); "
              "with D <= 256 both get D // 2 (oodlab's default for small D)",
-             params=lambda r: {"dim": _vim_dim(r, 256)}, overrides=lambda r: {"dim": _vim_dim(r, 256)}),
+             params=lambda r: {"dim": _vim_dim(r, 256)}, overrides=lambda r: {"dim": _vim_dim(r, 256)}, why=subspace),
         Case("residual", "residual", "dim={res_dim}", "dim={res_dim} in both; oodlab fits on ID val (its default: "
              "ID train)", True, "OpenOOD's default dim 512 leaves no residual when D <= 512 (every score 0); then "
              "both get D // 2. OpenOOD fits u and the covariance on ID val",
-             params=lambda r: {"dim": _vim_dim(r, 512)}, overrides=lambda r: {"dim": _vim_dim(r, 512)}, fit="val"),
+             params=lambda r: {"dim": _vim_dim(r, 512)}, overrides=lambda r: {"dim": _vim_dim(r, 512)}, fit="val",
+             why=subspace),
         Case("gradnorm", "gradnorm", "", "", True,
              "OpenOOD: sum |dL/dW| by per-sample autograd, = C ||softmax - u||_1 ||z||_1; oodlab: that closed form "
              "without the factor C (the same ranking)"),
@@ -526,7 +534,9 @@ def main() -> None:
         if not todo:
             sys.exit(f"--methods {a.methods}: none of {', '.join(sorted({c.key for c in cases()}))}")
     oods = run.oods
-    fills = {"vim_dim": str(_vim_dim(run, 256)), "res_dim": str(_vim_dim(run, 512))}
+    fills = {"vim_dim": str(_vim_dim(run, 256)), "res_dim": str(_vim_dim(run, 512)),
+             "n_train": str(len(run.sets["train"])), "dim": str(run.clf.feature_dim),
+             "rank": str(len(run.sets["train"]) - run.clf.num_classes)}
     summary = ["| OpenOOD | oodlab | setting | aligned | OpenOOD AUROC | oodlab AUROC | mean \\|Δ\\| | max \\|Δ\\| | "
                "Spearman | verdict / note |", "|---|---|---|---|---|---|---|---|---|---|"]
     detail = ["| OpenOOD | oodlab | setting | OOD set | OpenOOD AUROC | oodlab AUROC | \\|Δ\\| | Spearman |",

@@ -141,7 +141,9 @@ def _score(det: Detector, ctx: BenchContext, feats: FeatureSource | None, data) 
     """Scores of one data set; those that go back to the model (no feature set read) are cached by content."""
     if "eval" in det.feature_sets():
         return det.score_on(ctx.model, data, feats, device=ctx.device)
-    path = _cached(ctx, "scores", data.fingerprint, detector_key(det), str(det.model_batch)).with_suffix(".safetensors")
+    fitted_on = fit_data(det, ctx.suite)  # a fitted model-path detector's scores depend on what it was fitted on
+    parts = (data.fingerprint, detector_key(det), str(det.model_batch), *([fitted_on.fingerprint] if fitted_on else []))
+    path = _cached(ctx, "scores", *parts).with_suffix(".safetensors")
     cached = _load_checked(path, "score", "recomputing")
     if cached is not None:
         return cached["scores"]

@@ -191,3 +191,22 @@ def test_held_out_fits_use_the_suites_validation_set(trained, tmp_path):
     with_val = dataclasses.replace(suite, id_val=suite.id_test)
     assert fit_data(create("klm"), with_val) is suite.id_test and fit_data(create("knn"), with_val) is suite.id_train
     assert fit_data(create("energy"), with_val) is None
+
+
+def test_model_path_scores_are_cached_per_fit_data(trained, tmp_path, monkeypatch):
+    """AdaSCALE fits on held-out ID data: scores cached for one fit are not served to a fit on other data."""
+    import oodlab.detectors.base as base
+
+    suite, model, _ = trained
+    cache = FeatureCache(tmp_path / "cache" / "features")
+    calls = []
+    real = base.score_with_model
+    monkeypatch.setattr(base, "score_with_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    det = lambda: create("adascale-a", num_samples=8, k1=5.0, k2=10.0)  # noqa: E731
+    run_detectors(BenchContext(suite, model, "m", tmp_path / "a", cache, device="cpu"), [det()])
+    first = len(calls)
+    run_detectors(BenchContext(suite, model, "m", tmp_path / "b", cache, device="cpu"), [det()])
+    assert len(calls) == first  # the same fit data: every score from the cache
+    other = dataclasses.replace(suite, id_train=suite.id_train.subset(60, 1))  # another held-out 10%
+    run_detectors(BenchContext(other, model, "m", tmp_path / "c", cache, device="cpu"), [det()])
+    assert len(calls) == 2 * first  # fitted on other data: scored again
