@@ -9,9 +9,9 @@ on its features and has not been fitted on them before, the held-out ID set like
 that fit on it, the OOD sets only when some detector scores features.
 
 Next to the feature cache, fitted detector states (keyed by model, training set and detector
-settings) and the per-sample scores of model-path detectors (keyed by model, data set and
-detector settings) are cached too, so a second run on the same model fits and back-propagates
-nothing again. Fitting and model-path scoring are deterministic for a device and thread count;
+settings), the per-sample scores of every detector (keyed by model, the exact features or images,
+detector settings and fit data) and the bootstrap intervals (keyed by the scores) are cached too,
+so a second run on the same model fits, scores and resamples nothing again. Fitting and model-path scoring are deterministic for a device and thread count;
 each entry carries a SHA-256 of its tensors, and one that cannot be read or was altered is
 recomputed (with a warning), never used.
 
@@ -40,7 +40,8 @@ from .. import distributed
 from ..features import FeatureCache, FeatureSource
 from ..metrics import bootstrap_ci, evaluate
 from ..models.adapter import Classifier
-from ..runtime import IntegrityError, atomic_path, digest, load_checked, progress, save_checked
+from ..runtime import (IntegrityError, atomic_path, atomic_write_text, digest, load_checked, progress, save_checked,
+                       sha256_hex)
 
 __all__ = ["BenchContext", "detector_key", "run_detectors", "load_rows", "load_scores"]
 
@@ -138,18 +139,41 @@ def _save_fit(ctx: BenchContext, det: Detector) -> None:
 
 
 def _score(det: Detector, ctx: BenchContext, feats: FeatureSource | None, data) -> torch.Tensor:
-    """Scores of one data set; those that go back to the model (no feature set read) are cached by content."""
+    """Scores of one data set, cached by content: keyed by the detector's settings, what it was fitted on, and the
+    exact features it scores (their cache entry) or, for the model path, the images and the batch."""
+    fitted_on = fit_data(det, ctx.suite)  # a fitted detector's scores depend on what it was fitted on
+    fit_part = [fitted_on.fingerprint] if fitted_on else []
     if "eval" in det.feature_sets():
-        return det.score_on(ctx.model, data, feats, device=ctx.device)
-    fitted_on = fit_data(det, ctx.suite)  # a fitted model-path detector's scores depend on what it was fitted on
-    parts = (data.fingerprint, detector_key(det), str(det.model_batch), *([fitted_on.fingerprint] if fitted_on else []))
+        entry = getattr(feats, "entry", None)
+        if entry is None:  # features not from the cache: nothing identifies them
+            return det.score_on(ctx.model, data, feats, device=ctx.device)
+        parts = ("features", Path(entry).name, str(ctx.cache.storage), detector_key(det), *(fit_part or ["-"]))
+    else:
+        parts = (data.fingerprint, detector_key(det), str(det.model_batch), *fit_part)
     path = _cached(ctx, "scores", *parts).with_suffix(".safetensors")
     cached = _load_checked(path, "score", "recomputing")
     if cached is not None:
         return cached["scores"]
-    scores = det.score_on(ctx.model, data, device=ctx.device)
+    scores = det.score_on(ctx.model, data, feats, device=ctx.device)
     save_checked(path, {"scores": scores})
     return scores
+
+
+def _intervals(ctx: BenchContext, score_id: np.ndarray, score_ood: np.ndarray) -> dict[str, float]:
+    """:func:`~oodlab.metrics.bootstrap_ci` of two score arrays, cached by their content (seeded, so the same
+    scores always give the same intervals)."""
+    key = sha256_hex([score_id.astype(np.float64).tobytes(), b"|", score_ood.astype(np.float64).tobytes()])[:24]
+    path = Path(ctx.cache.root).parent / "intervals" / f"{key}.json"
+    try:
+        found = json.loads(path.read_text())
+        if set(found) == {"auroc_lo", "auroc_hi", "fpr95_lo", "fpr95_hi"}:
+            return {k: float(v) for k, v in found.items()}
+    except (OSError, ValueError, TypeError):  # none yet, or unreadable: computed again
+        pass
+    ci = bootstrap_ci(score_id, score_ood)  # 95% percentile intervals, 1000 resamples, seed 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(ci))
+    return ci
 
 
 def run_detectors(ctx: BenchContext, detectors: list[Detector],
@@ -213,7 +237,7 @@ def _run_one(ctx: BenchContext, det: Detector, train: FeatureSource | None, test
             **({"search": note} if note is not None else {})}
     rows = [{**base, "ood": name, "group": ctx.suite.group_of(name), "kind": ctx.suite.kind_of(name),
              **evaluate(scores["id"], scores[name]),
-             **bootstrap_ci(scores["id"], scores[name])}  # 95% percentile intervals, 1000 resamples, seed 0
+             **_intervals(ctx, scores["id"], scores[name])}
             for name in oods]
     _append(ctx.out_dir / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
 

@@ -210,3 +210,23 @@ def test_model_path_scores_are_cached_per_fit_data(trained, tmp_path, monkeypatc
     other = dataclasses.replace(suite, id_train=suite.id_train.subset(60, 1))  # another held-out 10%
     run_detectors(BenchContext(other, model, "m", tmp_path / "c", cache, device="cpu"), [det()])
     assert len(calls) == 2 * first  # fitted on other data: scored again
+
+
+def test_a_warm_run_scores_and_resamples_nothing_again(trained, tmp_path, monkeypatch):
+    """A second run into a new folder reads every score and interval from the cache; other features (another
+    cache dtype) are scored anew."""
+    import oodlab.bench.runner as runner
+    from oodlab.detectors.base import Detector
+
+    suite, model, _ = trained
+    cache = FeatureCache(tmp_path / "cache" / "features")
+    dets = lambda: [create("knn", k=3), create("flow", blocks=2), create("energy")]  # noqa: E731
+    first = run_detectors(BenchContext(suite, model, "m", tmp_path / "a", cache, device="cpu"), dets())
+    monkeypatch.setattr(Detector, "score", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(runner, "bootstrap_ci", lambda *a, **k: pytest.fail("resampled again"))
+    again = run_detectors(BenchContext(suite, model, "m", tmp_path / "b", FeatureCache(cache.root), device="cpu"), dets())
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("fit_s", "score_s", "fit_cached")} for r in rows]  # noqa: E731
+    assert strip(again) == strip(first)
+    half = FeatureCache(cache.root, storage=torch.float16)
+    with pytest.raises(pytest.fail.Exception, match="scored again"):
+        run_detectors(BenchContext(suite, model, "m", tmp_path / "c", half, device="cpu"), [create("energy")])

@@ -391,7 +391,7 @@ def test_truncated_results_jsonl_resumes_and_recomputes_the_broken_row(cut, tmp_
 
 
 def test_altered_fit_and_score_cache_entries_are_recomputed(tmp_path, caplog):
-    """The fitted-detector and model-path score caches beside the features carry a checksum too: an altered
+    """The fitted-detector and score caches beside the features carry a checksum too: an altered
     entry (a flipped byte inside a tensor, which safetensors alone would load) is recomputed, never used."""
     suite = make_tiny_suite()
     torch.manual_seed(0)
@@ -401,13 +401,13 @@ def test_altered_fit_and_score_cache_entries_are_recomputed(tmp_path, caplog):
                                    batch_size=32, device="cpu")
     first = run_detectors(ctx("a"), dets())
     entries = [f for kind in ("detectors", "scores") for f in (tmp_path / "cache" / kind).iterdir()]
-    assert len(entries) == 1 + 3  # knn's fit; odin's scores of ID test and two OOD sets
+    assert len(entries) == 1 + 2 * 3  # knn's fit; knn's and odin's scores of ID test and two OOD sets
     for f in entries:
         raw = bytearray(f.read_bytes())
         raw[-3] ^= 0x01  # the last tensor's data, not the header
         f.write_bytes(bytes(raw))
     again = run_detectors(ctx("b"), dets())
-    assert caplog.text.count("checksum mismatch (altered file)") == 4
+    assert caplog.text.count("checksum mismatch (altered file)") == 7
     assert _strip(again) == _strip(first)
     assert {r["fit_cached"] for r in again if r["detector"] == "knn"} == {False}  # refitted
     for key in {r["key"] for r in first}:
