@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import distributed
 
     joined = done = False
+    rc = 0
     try:
         if args.cmd in ("train", "bench"):
             joined = distributed.init()  # under torchrun: join the process group (gloo on CPU, NCCL on CUDA)
@@ -282,15 +283,22 @@ def main(argv: list[str] | None = None) -> int:
         if not expected:
             text = f"{type(exc).__name__}: {text} (an unexpected error: --debug shows its traceback)"
         print(f"oodlab {args.cmd}{where}: error: {text}", file=sys.stderr)
-        return 2
+        rc = 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished epochs / detectors are saved; run the same command again to resume",
               file=sys.stderr)
-        return 130
+        rc = 130
     finally:
         if joined:
             distributed.shutdown(wait=done)
-    return 0
+    if joined:
+        # every file is written and the process group is gone; gloo's threads can still abort the interpreter's
+        # teardown ("terminate called without an active exception", a SIGABRT after a run that went well), so a
+        # distributed process leaves here, its output flushed
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 if __name__ == "__main__":
