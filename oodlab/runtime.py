@@ -24,7 +24,7 @@ import torch
 
 __all__ = ["default_device", "seed_everything", "cache_dir", "progress", "write_csv", "sha256_hex", "digest",
            "file_sha256", "tensors_sha256", "IntegrityError", "save_checked", "load_checked", "atomic_path",
-           "atomic_write_text", "available_memory", "release_free_heap"]
+           "atomic_write_text", "read_only_ancestor", "available_memory", "release_free_heap"]
 
 
 def default_device() -> torch.device:
@@ -106,6 +106,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_only_ancestor(path: str | Path) -> Path | None:
+    """The nearest existing folder at or above ``path`` when it cannot be written to, else None (a cheap check
+    before any work that will write there)."""
+    parent = Path(path).resolve()
+    while not parent.exists():
+        parent = parent.parent
+    return None if os.access(parent, os.W_OK) else parent
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

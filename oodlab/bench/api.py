@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import platform
 import sys
 import time
@@ -20,6 +19,7 @@ from ..features import FeatureCache
 from ..data.suites import Suite
 from ..models.loaders import LoadedModel
 from ..specs import RunSpec, resolve
+from ..runtime import read_only_ancestor
 from ..validate import integer
 from .html import write_report
 from .openood import leaderboard_lines, write_openood_csv
@@ -60,11 +60,8 @@ def check_results_dir(out: Path, overwrite: bool = False) -> None:
     if others and not overwrite:
         raise ValueError(f"--out {out} is a folder that holds other files ({', '.join(others[:3])}); choose another, "
                          "or pass --overwrite to write the results among them")
-    parent = out if out.exists() else out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"--out {out}: {parent} is read-only")
+    if (locked := read_only_ancestor(out)) is not None:
+        raise ValueError(f"--out {out}: {locked} is read-only")
 
 
 def _versions() -> dict[str, str]:

@@ -37,7 +37,7 @@ from ..features import Features, extract
 from ..models.adapter import Classifier, inference_input
 from ..models.zoo import load_checkpoint, save_checkpoint, state_fingerprint
 from .. import validate
-from ..runtime import default_device, file_sha256, sha256_hex
+from ..runtime import default_device, file_sha256, read_only_ancestor, sha256_hex
 from .conformal import (FlagRateReport, benjamini_hochberg, flag_rate_test, p_values, rank_for_alpha, rank_for_tpr,
                         sorted_calibration)
 
@@ -296,11 +296,8 @@ def check_guard_out(directory: str | Path, overwrite: bool = False) -> Path:
         kind = "folder" if directory.is_dir() else "file"
         raise GuardError(f"{directory} is an existing {kind} that is not a guard folder; choose another --out, or "
                          "pass --overwrite to replace it")
-    parent = directory.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise GuardError(f"cannot write the guard folder {directory}: {parent} is read-only")
+    if (locked := read_only_ancestor(directory)) is not None:
+        raise GuardError(f"cannot write the guard folder {directory}: {locked} is read-only")
     return directory
 
 
