@@ -278,11 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or os.environ.get("OODLAB_DEBUG"):
             raise
         where = f" (rank {distributed.rank()} of {distributed.world_size()})" if distributed.world_size() > 1 else ""
-        expected = isinstance(exc, (ValueError, OSError, TypeError, MemoryError))
+        expected = isinstance(exc, (ValueError, OSError, TypeError, MemoryError, distributed.PeerError))
         text = " ".join(str(exc).split()) or type(exc).__name__
         if not expected:
             text = f"{type(exc).__name__}: {text} (an unexpected error: --debug shows its traceback)"
-        print(f"oodlab {args.cmd}{where}: error: {text}", file=sys.stderr)
+        # under torchrun the ranks share one stderr: a line of its own, not glued to rank 0's progress bar
+        print(f"{chr(10) if where else ''}oodlab {args.cmd}{where}: error: {text}", file=sys.stderr)
         rc = 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished epochs / detectors are saved; run the same command again to resume",

@@ -8,13 +8,31 @@ is present (each rank on ``cuda:LOCAL_RANK``) and gloo on the CPU.
 from __future__ import annotations
 
 import os
+import re
+import signal
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["init", "shutdown", "rank", "world_size", "is_main", "barrier", "block", "all_reduce_sum", "broadcast_object",
+__all__ = ["PeerError", "init", "shutdown", "rank", "world_size", "is_main", "barrier", "block", "all_reduce_sum", "broadcast_object",
            "all_gather_cat", "average_gradients", "average_buffers"]
+
+
+class PeerError(RuntimeError):
+    """A collective step failed because another rank stopped (that rank's own one-line message says why)."""
+
+
+def _together(collective, /, *args, **kwargs):
+    """Run ``collective``; a peer that stopped (gloo or NCCL closing its connections, a timeout) is a
+    :class:`PeerError` in one line instead of the backend's message."""
+    try:
+        return collective(*args, **kwargs)
+    except RuntimeError as exc:
+        said = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).splitlines() or [""])[0]).split(". ")[0][:100]
+        raise PeerError(f"another rank stopped before this one finished ({dist.get_backend()}: {said or type(exc).__name__}); "
+                        "its own message says why: fix that and run the same command again (finished shards and rows "
+                        "are kept)") from None
 
 
 def init() -> bool:
@@ -25,7 +43,14 @@ def init() -> bool:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
+    signal.signal(signal.SIGTERM, _stopped_by_launcher)
     return True
+
+
+def _stopped_by_launcher(signum: int, frame: object) -> None:
+    """torchrun stops the other ranks (SIGTERM) when one fails: say so in one line rather than vanish."""
+    raise PeerError("torchrun stopped this rank because another rank failed; its own message says why: fix that and "
+                    "run the same command again (finished shards and rows are kept)")
 
 
 def shutdown(wait: bool = True) -> None:
@@ -58,9 +83,9 @@ def barrier() -> None:
     """Wait for every rank (a no-op outside a distributed run)."""
     if dist.is_initialized():
         if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
+            _together(dist.barrier, device_ids=[torch.cuda.current_device()])
         else:
-            dist.barrier()
+            _together(dist.barrier)
 
 
 def block(n: int, rank: int | None = None, world: int | None = None) -> range:
@@ -75,7 +100,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if not dist.is_initialized():
         return t
     out = t.detach().clone().to(_device())
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    _together(dist.all_reduce, out, op=dist.ReduceOp.SUM)
     return out.to(t.device)
 
 
@@ -84,7 +109,7 @@ def broadcast_object(obj):
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    _together(dist.broadcast_object_list, box, src=0)
     return box[0]
 
 
@@ -100,12 +125,12 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     dev = _device()
     n = torch.tensor([len(t)], device=dev)
     sizes = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(sizes, n)
+    _together(dist.all_gather, sizes, n)
     longest = int(max(s.item() for s in sizes))
     padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=dev)
     padded[: len(t)] = t.to(dev)
     parts = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
+    _together(dist.all_gather, parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(t.device)
 
 
@@ -117,7 +142,7 @@ def average_gradients(params: list[torch.nn.Parameter], weight: float) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     dev = _device()
     flat = torch.cat([g.reshape(-1).to(dev) for g in grads] + [torch.ones(1, device=dev)]).mul_(weight)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    _together(dist.all_reduce, flat, op=dist.ReduceOp.SUM)
     flat = flat[:-1] / flat[-1]  # the last entry summed the weights
     i = 0
     for g in grads:
@@ -132,5 +157,5 @@ def average_buffers(module: torch.nn.Module) -> None:
     for b in module.buffers():
         if b.is_floating_point():
             t = b.detach().to(_device())
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            _together(dist.all_reduce, t, op=dist.ReduceOp.SUM)
             b.copy_(t / world_size())

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import errno
 import ctypes.util
 import hashlib
 import os
 import random
 import re
+import shutil
 import socket
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -24,7 +26,7 @@ import torch
 
 __all__ = ["default_device", "seed_everything", "cache_dir", "progress", "write_csv", "sha256_hex", "digest",
            "file_sha256", "tensors_sha256", "IntegrityError", "save_checked", "load_checked", "atomic_path",
-           "atomic_write_text", "read_only_ancestor", "available_memory", "release_free_heap"]
+           "atomic_write_text", "append_whole", "save_safetensors", "DiskFullError", "disk_full", "free_bytes", "writing", "read_only_ancestor", "available_memory", "release_free_heap"]
 
 
 def default_device() -> torch.device:
@@ -91,21 +93,113 @@ def _remove_stale(path: Path) -> None:
                 pass
 
 
+class DiskFullError(OSError):
+    """The device a file was being written to is full (or over quota); nothing half-written was left there."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _is_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _existing_folder(path: Path) -> Path:
+    folder = path if path.is_dir() else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes free for writing on the device that holds (or will hold) ``path``."""
+    return shutil.disk_usage(_existing_folder(Path(path).absolute())).free
+
+
+def disk_full(path: str | Path, need: int | None = None) -> DiskFullError:
+    """The one-line error for a full device under ``path``: where, how much is free (and ``need``), what to do."""
+    path = Path(path).absolute()
+    folder, free = _existing_folder(path), free_bytes(path)
+    try:
+        in_cache = path.resolve().is_relative_to(cache_dir().resolve())
+    except OSError:
+        in_cache = False
+    advice = ("free space there, or set OODLAB_CACHE to a folder on a disk with room" if in_cache
+              else "free space there, or write to a folder on a disk with room")
+    needs = f"; about {need / 1e6:.1f} MB are needed" if need is not None else ""
+    what = f"for {path.name}" if need is not None else f"while writing {path.name}; nothing half-written was kept"
+    return DiskFullError(f"no space left on the device holding {folder} ({free / 1e6:.1f} MB free{needs}) {what}: "
+                         f"{advice}")
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Within the block, a full device is a :class:`DiskFullError` naming ``path`` (the outermost block names it;
+    the block cleans up)."""
+    try:
+        yield
+    except OSError as exc:
+        if _is_full(exc):
+            raise disk_full(path) from None
+        raise
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary name beside ``path``, unique to this process, thread and machine, renamed to ``path`` when
     the block succeeds: readers see the old file or the new one, never half of one, and two writers
     never share a temporary file (the last rename wins). Temporary files of ``path`` that a killed
-    process on this machine left behind are removed first."""
+    process on this machine left behind are removed first; a full device is a :class:`DiskFullError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}-{_HOST}.tmp{path.suffix}")
     try:
-        yield tmp
-        tmp.replace(path)
+        with writing(path):
+            yield tmp
+            tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+                     ) -> None:
+    """``safetensors.torch.save_file``, with its I/O failures raised as the ``OSError`` they are (so a full
+    disk is a full disk to :func:`atomic_path`, not a serialisation error)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+                  metadata=dict(metadata) if metadata is not None else None)
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
+def append_whole(path: str | Path, text: str) -> None:
+    """Append ``text`` with one write of an O_APPEND file (processes sharing the folder never interleave); when
+    the write fails part way (a full disk), the file is cut back to what it was: never half a line."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        data = text.encode()
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        except OSError:
+            os.ftruncate(fd, size)
+            with writing(path):
+                raise
+    finally:
+        os.close(fd)
 
 
 def read_only_ancestor(path: str | Path) -> Path | None:
@@ -168,11 +262,9 @@ class IntegrityError(ValueError):
 
 def save_checked(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str] | None = None) -> Path:
     """Write ``tensors`` as safetensors whose metadata holds their SHA-256 (and ``meta``), atomically."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={**(meta or {}), "sha256": tensors_sha256(tensors)})
+        save_safetensors(tmp, tensors, {**(meta or {}), "sha256": tensors_sha256(tensors)})
     return Path(path)
 
 

@@ -19,7 +19,7 @@ from ..features import FeatureCache
 from ..data.suites import Suite
 from ..models.loaders import LoadedModel
 from ..specs import RunSpec, resolve
-from ..runtime import read_only_ancestor
+from ..runtime import disk_full, free_bytes, read_only_ancestor
 from ..validate import integer
 from .html import write_report
 from .openood import leaderboard_lines, write_openood_csv
@@ -106,6 +106,10 @@ def run_bench(spec: RunSpec, *, detectors: str | list[str] | None = None, out_di
         suite_obj.full_spectrum()  # refuses a suite without covariate-shifted ID sets before any work
     stamp = distributed.broadcast_object(time.strftime('%Y%m%d-%H%M%S'))  # one folder for every rank
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"{suite_obj.name}-{stamp}"
+    # scores (float32, one per image and detector) plus tables and report: refuse a disk without room before any work
+    need = 4 * len(dets) * (len(suite_obj.id_test) + sum(len(d) for d in suite_obj.ood.values())) + (8 << 20)
+    if distributed.is_main() and free_bytes(out) < need:
+        raise disk_full(out, need)
     cache = FeatureCache(storage=getattr(torch, cache_dtype))
     rows = _run(loaded, suite_obj, dets, out, cache, batch_size, spec, command, verbose, search)
     if fsood:

@@ -40,7 +40,7 @@ from .. import distributed
 from ..features import FeatureCache, FeatureSource
 from ..metrics import bootstrap_ci, evaluate
 from ..models.adapter import Classifier
-from ..runtime import (IntegrityError, atomic_path, atomic_write_text, digest, load_checked, progress, save_checked,
+from ..runtime import (IntegrityError, append_whole, atomic_path, atomic_write_text, digest, load_checked, progress, save_checked,
                        sha256_hex)
 
 __all__ = ["BenchContext", "detector_key", "run_detectors", "load_rows", "load_scores"]
@@ -184,25 +184,36 @@ def run_detectors(ctx: BenchContext, detectors: list[Detector],
     Under ``torchrun`` every rank takes part in the extraction; then only rank 0 fits, scores and
     writes (the other ranks return an empty list)."""
     out = Path(ctx.out_dir)
-    (out / "scores").mkdir(parents=True, exist_ok=True)
+    todo_at, cached_at = distributed.broadcast_object(_plan(ctx, detectors) if distributed.is_main() else None)
+    todo = [detectors[i] for i in todo_at]
+    if todo:
+        cached = {id(detectors[i]) for i in cached_at}
+        train, test, oods = ctx.features(train=any("train" in d.feature_sets() and id(d) not in cached for d in todo),
+                                         ood=any("eval" in d.feature_sets() for d in todo))
+        held = _held_out_features(ctx, [d for d in todo if id(d) not in cached])
+        if distributed.is_main():
+            for det in progress(todo, desc="detectors", unit="detector", leave=True):
+                _run_one(ctx, det, held if "val" in det.feature_sets() else train, test, oods, id(det) in cached,
+                         (notes or {}).get(det.name))
+    if not distributed.is_main():
+        return []
+    keys = {detector_key(d) for d in detectors}
+    return [r for r in load_rows(out) if r["key"] in keys and r["model_id"] == ctx.model_id]
+
+
+def _plan(ctx: BenchContext, detectors: list[Detector]) -> tuple[list[int], list[int]]:
+    """(detectors whose rows are not all in ``results.jsonl`` yet, those of them whose fit is cached and now
+    loaded), as indices. Rank 0 alone reads and writes the results folder and the fits; it sends the plan to
+    the other ranks, so every rank takes the same collective steps."""
+    out = Path(ctx.out_dir)
     _end_last_line(out / "results.jsonl")
     have: dict[tuple[str, str], set[str]] = {}
     for r in load_rows(out):
         have.setdefault((r["key"], r["model_id"]), set()).add(r["ood"])
     # a detector is done when every OOD set has its row: one cut short (truncated file) is recomputed
-    todo = [d for d in detectors if not set(ctx.suite.ood) <= have.get((detector_key(d), ctx.model_id), set())]
-    if todo:
-        cached = {id(d) for d in todo if _load_fit(ctx, d)}
-        train, test, oods = ctx.features(train=any("train" in d.feature_sets() and id(d) not in cached for d in todo),
-                                         ood=any("eval" in d.feature_sets() for d in todo))
-        held = _held_out_features(ctx, [d for d in todo if id(d) not in cached])
-        if not distributed.is_main():
-            return []
-        for det in progress(todo, desc="detectors", unit="detector", leave=True):
-            _run_one(ctx, det, held if "val" in det.feature_sets() else train, test, oods, id(det) in cached,
-                     (notes or {}).get(det.name))
-    keys = {detector_key(d) for d in detectors}
-    return [r for r in load_rows(out) if r["key"] in keys and r["model_id"] == ctx.model_id]
+    todo = [i for i, d in enumerate(detectors)
+            if not set(ctx.suite.ood) <= have.get((detector_key(d), ctx.model_id), set())]
+    return todo, [i for i in todo if _load_fit(ctx, detectors[i])]
 
 
 def _held_out_features(ctx: BenchContext, detectors: list[Detector]) -> FeatureSource | None:
@@ -239,7 +250,7 @@ def _run_one(ctx: BenchContext, det: Detector, train: FeatureSource | None, test
              **evaluate(scores["id"], scores[name]),
              **_intervals(ctx, scores["id"], scores[name])}
             for name in oods]
-    _append(ctx.out_dir / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    append_whole(ctx.out_dir / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
 
 def _accuracy(det: Detector, test: FeatureSource) -> float:
@@ -260,13 +271,4 @@ def _end_last_line(path: Path) -> None:
         return
     if last != b"\n":
         log.warning("%s ends in a line cut short; it is ignored and its rows are recomputed", path)
-        _append(path, "\n")
-
-
-def _append(path: Path, text: str) -> None:
-    """Append ``text`` with one write of an O_APPEND file: processes sharing the folder never interleave."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
+        append_whole(path, "\n")

@@ -34,14 +34,14 @@ from typing_extensions import Self
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..data.base import ImageSet, batches
 from ..features import FeatureCache, Features, FeatureSource, StoredFeatures, chunk_rows, extract
 from ..models.adapter import Classifier, inference_input
 from ..registry import Registry
-from ..runtime import atomic_path, atomic_write_text, default_device, progress
+from ..runtime import atomic_path, atomic_write_text, default_device, progress, save_safetensors
 
 if TYPE_CHECKING:
     from ..data.suites import Suite
@@ -248,7 +248,7 @@ class Detector(ABC):
         path = Path(path).with_suffix(".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in self.state.items()}, str(tmp))
+            save_safetensors(tmp, self.state)
         atomic_write_text(path.with_suffix(".json"), json.dumps({"detector": self.name, "config": self.config()}, indent=2))
         return path
 

@@ -19,7 +19,7 @@ import torch
 from .. import distributed
 from ..data.base import BROKEN, ImageSet, batches
 from ..models.adapter import Classifier, inference_input
-from ..runtime import cache_dir, default_device, digest, progress
+from ..runtime import cache_dir, default_device, digest, disk_full, free_bytes, progress
 from ..validate import integer
 from .core import Features
 from .store import StoredFeatures, check_shard, write_shard
@@ -142,6 +142,11 @@ class FeatureCache:
                 todo.append(k)
             else:
                 records[k] = record
+        if todo:  # refuse a disk that cannot hold the shards before the forward passes, not after
+            rows = sum(bounds[k][1] - bounds[k][0] for k in todo)
+            need = rows * ((model.feature_dim + model.num_classes) * self.storage.itemsize + 8)
+            if free_bytes(entry) < need:
+                raise disk_full(entry, need)
         for i, k in enumerate(todo):
             log.info("extracting %s shard %d/%d", data.name, i + 1, len(todo))
             feats = extract(model, data, batch_size, dev, autocast=autocast, start=bounds[k][0], stop=bounds[k][1])

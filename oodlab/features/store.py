@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from ..runtime import atomic_path, atomic_write_text, file_sha256
+from ..runtime import atomic_path, atomic_write_text, file_sha256, save_safetensors
 from .core import Features, chunk_rows
 
 __all__ = ["StoredFeatures", "shard_paths", "write_shard", "check_shard", "write_features"]
@@ -41,8 +41,7 @@ def write_shard(entry: Path, k: int, key: dict[str, str], items: tuple[int, int]
     tensors, meta = shard_paths(entry, k)
     labels = feats.labels if feats.labels is not None else torch.full((len(feats),), -1, dtype=torch.long)
     with atomic_path(tensors) as tmp:
-        save_file({"z": feats.z.to(storage).contiguous(), "logits": feats.logits.to(storage).contiguous(),
-                   "labels": labels.long().contiguous()}, str(tmp))
+        save_safetensors(tmp, {"z": feats.z.to(storage), "logits": feats.logits.to(storage), "labels": labels.long()})
     record = {"key": key, "items": list(items), "rows": len(feats), "dim": feats.dim, "classes": feats.num_classes,
               "skipped": list(feats.skipped), "finite": feats.all_finite(), "dtype": str(storage),
               "sha256": file_sha256(tensors)}

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from typing_extensions import Self
 
@@ -37,7 +37,7 @@ from ..features import Features, extract
 from ..models.adapter import Classifier, inference_input
 from ..models.zoo import load_checkpoint, save_checkpoint, state_fingerprint
 from .. import validate
-from ..runtime import default_device, file_sha256, read_only_ancestor, sha256_hex
+from ..runtime import default_device, file_sha256, read_only_ancestor, save_safetensors, sha256_hex, writing
 from .conformal import (FlagRateReport, benjamini_hochberg, flag_rate_test, p_values, rank_for_alpha, rank_for_tpr,
                         sorted_calibration)
 
@@ -207,29 +207,31 @@ class Guard:
         folder is replaced; anything else already at ``directory`` is refused unless ``overwrite``."""
         cal = self._calibrated()
         directory = check_guard_out(directory, overwrite)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        with writing(directory):
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            self.detector.save(tmp / "detector")
-            save_file({"scores": cal.contiguous()}, str(tmp / "calibration.safetensors"))
-            model_file = None
-            if self.model_meta and "arch" in self.model_meta:
-                save_checkpoint(self.model, tmp / "model", self.model_meta)
-                model_file = "model.safetensors"
-            info = {
-                "format": FORMAT, "detector": self.detector.name, "config": self.detector.config(),
-                "rule": self.rule, "k": self.k, "n_calibration": len(cal), "threshold": self.threshold,
-                "calibration_source": self.calibration_source,
-                "input_shape": list(self.input_shape),
-                "preprocessing": {**self.prep.describe(), "range": [0, 1], "mean": self.model.mean.flatten().tolist(),
-                                  "std": self.model.std.flatten().tolist()},
-                "model": {"fingerprint": state_fingerprint(self.model), "meta": self.model_meta, "file": model_file},
-                "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())},
-            }
-            info = json.loads(json.dumps(info, default=str))  # what guard.json will read back as
-            info["sha256"] = _info_sha256(info)  # guard.json covers itself: every file of the folder is checked
-            (tmp / "guard.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-            _replace_dir(tmp, directory)
+            with writing(directory):
+                self.detector.save(tmp / "detector")
+                save_safetensors(tmp / "calibration.safetensors", {"scores": cal})
+                model_file = None
+                if self.model_meta and "arch" in self.model_meta:
+                    save_checkpoint(self.model, tmp / "model", self.model_meta)
+                    model_file = "model.safetensors"
+                info = {
+                    "format": FORMAT, "detector": self.detector.name, "config": self.detector.config(),
+                    "rule": self.rule, "k": self.k, "n_calibration": len(cal), "threshold": self.threshold,
+                    "calibration_source": self.calibration_source,
+                    "input_shape": list(self.input_shape),
+                    "preprocessing": {**self.prep.describe(), "range": [0, 1], "mean": self.model.mean.flatten().tolist(),
+                                      "std": self.model.std.flatten().tolist()},
+                    "model": {"fingerprint": state_fingerprint(self.model), "meta": self.model_meta, "file": model_file},
+                    "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())},
+                }
+                info = json.loads(json.dumps(info, default=str))  # what guard.json will read back as
+                info["sha256"] = _info_sha256(info)  # guard.json covers itself: every file of the folder is checked
+                (tmp / "guard.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+                _replace_dir(tmp, directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return directory

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..data.preprocessing import IMAGENET, Preprocessing
-from ..runtime import atomic_path, cache_dir, digest, file_sha256
+from ..runtime import atomic_path, cache_dir, digest, file_sha256, save_safetensors
 from .adapter import AdapterError, Classifier
 from .zoo import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, checkpoint_fingerprint, load_checkpoint
 
@@ -167,12 +167,11 @@ def _timm(name: str, weights: Path | None, num_classes: int | None) -> tuple[nn.
         except Exception as exc:
             raise FileNotFoundError(f"timm:{name}'s pretrained weights are not in the Hugging Face cache and could not "
                                     f"be downloaded ({type(exc).__name__}); pass --weights FILE (a state dict)") from None
-        from safetensors.torch import save_file
 
         weights = cache_dir() / "weights" / f"timm-{name}.safetensors"
         weights.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(weights) as tmp:
-            save_file({k: v.contiguous() for k, v in released.state_dict().items()}, str(tmp))
+            save_safetensors(tmp, released.state_dict())
     cfg = resolve_data_config({}, model=net)
     _, height, width = cfg["input_size"]
     if height != width:

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..registry import Registry
-from ..runtime import atomic_path, atomic_write_text, file_sha256, tensors_sha256
+from ..runtime import atomic_path, atomic_write_text, file_sha256, save_safetensors, tensors_sha256
 from .adapter import Classifier
 
 __all__ = ["build", "ARCHS", "save_checkpoint", "load_checkpoint", "checkpoint_fingerprint", "state_fingerprint",
@@ -111,7 +111,7 @@ def save_checkpoint(model: Classifier, path: str | Path, meta: dict[str, Any]) -
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:  # an interrupted save never leaves a half-written checkpoint
-        save_file(state, str(tmp))
+        save_safetensors(tmp, state)
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True))
     return path
 

@@ -33,7 +33,7 @@ from .. import distributed
 from ..data.base import ArrayDataset, ImageSet, batches
 from ..models.adapter import Classifier, inference_input
 from ..models.zoo import save_checkpoint
-from ..runtime import atomic_path, atomic_write_text, default_device, progress, seed_everything
+from ..runtime import append_whole, atomic_path, atomic_write_text, default_device, progress, seed_everything
 from ..validate import choice, flag, integer, number
 
 __all__ = ["TrainConfig", "Objective", "train", "resolve_config", "evaluate_accuracy", "augment", "shuffled_batches",
@@ -304,8 +304,7 @@ def _save_epoch(run: Path, model: Classifier, opt, sched, epoch: int, meta: dict
              "compute": meta["compute"], "objective_state": objective_state}
     with atomic_path(run / "train_state.pt") as tmp:
         torch.save(state, tmp)
-    with open(run / "history.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_whole(run / "history.jsonl", json.dumps(row) + "\n")
 
 
 def _resume(run: Path, model: Classifier, opt, sched, cfg: TrainConfig, objective: Objective, compute: str) -> int:
