@@ -184,8 +184,15 @@ def _train(a: argparse.Namespace) -> None:
         overrides["augment"] = False
     options = _pairs(a.option, "--option")
     options.update({k: v for k, v in {"aux": a.aux, "constraint": a.constraint}.items() if v is not None})
+    _writable(a.out)
     train_on_suite(_spec(a), a.out, method=a.method, arch=a.arch, config=overrides, method_options=options,
                    track_ood=a.track_ood)
+
+
+def _writable(path: str | Path) -> None:
+    from .runtime import check_writable
+
+    check_writable(path)  # before any work
 
 
 def _bench(a: argparse.Namespace) -> None:
@@ -199,12 +206,14 @@ def _bench(a: argparse.Namespace) -> None:
 def _fit(a: argparse.Namespace) -> None:
     from .scoring import fit_and_save
 
+    _writable(a.out)
     fit_and_save(_spec(a), a.detector, a.out, params=_pairs(a.param, "--param"))
 
 
 def _score(a: argparse.Namespace) -> None:
     from .scoring import score_folder
 
+    _writable(a.out)
     n = score_folder(_spec(a), a.detector_file, a.images, a.out, strict=a.strict)
     print(f"scored {n} images (higher = more in-distribution) -> {a.out}")
 
@@ -222,10 +231,12 @@ def _guard(a: argparse.Namespace) -> None:
         print(f"guard for {guard.detector.name} ({rule}) calibrated on {guard.calibration_source}: "
               f"flag when score < {guard.threshold:.6g} -> {guard.save(a.out, a.overwrite)}")
     elif a.guard_cmd == "check":
+        _writable(a.out)
         out = check_folder(Guard.load(a.guard_dir, device=a.device), a.images, a.out, a.strict)
         print(f"{int(out.is_ood.sum())} of {len(out)} images flagged as out-of-distribution -> {a.out}")
     else:
         path = a.out or f"{a.guard_dir}/guard.{'onnx' if a.format == 'onnx' else 'pt'}"
+        _writable(path)
         print(f"exported {Guard.load(a.guard_dir).export(path, a.format)} "
               "(input: images (N, C, H, W) in [0, 1]; outputs: logits, score, p_value, is_ood)")
 
@@ -234,6 +245,8 @@ def _report(a: argparse.Namespace) -> None:
     from .bench.html import load_run, write_report
     from .bench.report import write_tables
 
+    if a.out:
+        _writable(a.out)
     for path in a.runs:
         run = load_run(path)
         write_tables(run.path, run.rows, run.settings)

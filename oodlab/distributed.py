@@ -15,8 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["PeerError", "init", "shutdown", "rank", "world_size", "is_main", "barrier", "block", "all_reduce_sum", "broadcast_object",
-           "all_gather_cat", "average_gradients", "average_buffers"]
+__all__ = ["PeerError", "init", "shutdown", "rank", "world_size", "is_main", "barrier", "block", "all_reduce_sum",
+           "broadcast_object", "all_gather_cat", "average_gradients", "average_buffers"]
 
 
 class PeerError(RuntimeError):
@@ -30,9 +30,10 @@ def _together(collective, /, *args, **kwargs):
         return collective(*args, **kwargs)
     except RuntimeError as exc:
         said = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).splitlines() or [""])[0]).split(". ")[0][:100]
-        raise PeerError(f"another rank stopped before this one finished ({dist.get_backend()}: {said or type(exc).__name__}); "
-                        "its own message says why: fix that and run the same command again (finished shards and rows "
-                        "are kept)") from None
+        said = said or type(exc).__name__
+        raise PeerError(f"another rank stopped before this one finished ({dist.get_backend()}: {said}); its own "
+                        "message says why: fix that and run the same command again (finished shards and rows are "
+                        "kept)") from None
 
 
 def init() -> bool:

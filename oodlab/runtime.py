@@ -17,7 +17,7 @@ import shutil
 import socket
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 __all__ = ["default_device", "seed_everything", "cache_dir", "progress", "write_csv", "sha256_hex", "digest",
-           "file_sha256", "tensors_sha256", "IntegrityError", "save_checked", "load_checked", "atomic_path",
-           "atomic_write_text", "append_whole", "save_safetensors", "DiskFullError", "disk_full", "free_bytes", "writing", "read_only_ancestor", "available_memory", "release_free_heap"]
+           "file_sha256", "tensors_sha256", "IntegrityError", "save_checked", "load_checked", "save_safetensors",
+           "atomic_path", "atomic_write_text", "append_whole", "writing", "DiskFullError", "disk_full", "free_bytes",
+           "check_writable", "available_memory", "release_free_heap"]
 
 
 def default_device() -> torch.device:
@@ -144,6 +145,10 @@ def writing(path: str | Path) -> Iterator[None]:
     except OSError as exc:
         if _is_full(exc):
             raise disk_full(path) from None
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            why = "is on a read-only file system" if exc.errno == errno.EROFS else "may not be written to"
+            raise OSError(exc.errno, f"cannot write {path}: {_existing_folder(Path(path).absolute())} {why}; "
+                                     "choose a folder you can write to") from None
         raise
 
 
@@ -163,7 +168,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             yield tmp
             tmp.replace(path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # a read-only folder refuses even the unlink of a file that is not there
+            tmp.unlink(missing_ok=True)
 
 
 def save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
@@ -202,13 +208,19 @@ def append_whole(path: str | Path, text: str) -> None:
         os.close(fd)
 
 
-def read_only_ancestor(path: str | Path) -> Path | None:
+def _read_only_ancestor(path: str | Path) -> Path | None:
     """The nearest existing folder at or above ``path`` when it cannot be written to, else None (a cheap check
     before any work that will write there)."""
     parent = Path(path).resolve()
     while not parent.exists():
         parent = parent.parent
     return None if os.access(parent, os.W_OK) else parent
+
+
+def check_writable(path: str | Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output ``path`` under a folder that cannot be written to (one line)."""
+    if (locked := _read_only_ancestor(path)) is not None:
+        raise ValueError(f"{flag} {path}: {locked} is read-only; choose a folder you can write to")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -19,7 +19,7 @@ from ..features import FeatureCache
 from ..data.suites import Suite
 from ..models.loaders import LoadedModel
 from ..specs import RunSpec, resolve
-from ..runtime import disk_full, free_bytes, read_only_ancestor
+from ..runtime import check_writable, disk_full, free_bytes
 from ..validate import integer
 from .html import write_report
 from .openood import leaderboard_lines, write_openood_csv
@@ -60,8 +60,7 @@ def check_results_dir(out: Path, overwrite: bool = False) -> None:
     if others and not overwrite:
         raise ValueError(f"--out {out} is a folder that holds other files ({', '.join(others[:3])}); choose another, "
                          "or pass --overwrite to write the results among them")
-    if (locked := read_only_ancestor(out)) is not None:
-        raise ValueError(f"--out {out}: {locked} is read-only")
+    check_writable(out)
 
 
 def _versions() -> dict[str, str]:

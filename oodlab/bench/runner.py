@@ -40,8 +40,8 @@ from .. import distributed
 from ..features import FeatureCache, FeatureSource
 from ..metrics import bootstrap_ci, evaluate
 from ..models.adapter import Classifier
-from ..runtime import (IntegrityError, append_whole, atomic_path, atomic_write_text, digest, load_checked, progress, save_checked,
-                       sha256_hex)
+from ..runtime import (IntegrityError, append_whole, atomic_path, atomic_write_text, digest, load_checked, progress,
+                       save_checked, sha256_hex)
 
 __all__ = ["BenchContext", "detector_key", "run_detectors", "load_rows", "load_scores"]
 

@@ -37,7 +37,7 @@ from ..features import Features, extract
 from ..models.adapter import Classifier, inference_input
 from ..models.zoo import load_checkpoint, save_checkpoint, state_fingerprint
 from .. import validate
-from ..runtime import default_device, file_sha256, read_only_ancestor, save_safetensors, sha256_hex, writing
+from ..runtime import check_writable, default_device, file_sha256, save_safetensors, sha256_hex, writing
 from .conformal import (FlagRateReport, benjamini_hochberg, flag_rate_test, p_values, rank_for_alpha, rank_for_tpr,
                         sorted_calibration)
 
@@ -298,8 +298,7 @@ def check_guard_out(directory: str | Path, overwrite: bool = False) -> Path:
         kind = "folder" if directory.is_dir() else "file"
         raise GuardError(f"{directory} is an existing {kind} that is not a guard folder; choose another --out, or "
                          "pass --overwrite to replace it")
-    if (locked := read_only_ancestor(directory)) is not None:
-        raise GuardError(f"cannot write the guard folder {directory}: {locked} is read-only")
+    check_writable(directory)
     return directory
 
 
