@@ -128,7 +128,10 @@ def _cli(argv: list[str]) -> tuple[str, int]:
         os.dup2(f.fileno(), 2)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                code = main(argv)
+                try:
+                    code = main(argv)
+                except SystemExit as exc:  # argparse's own refusal of a flag
+                    code = exc.code
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
@@ -438,6 +441,285 @@ def kill_cases(lab: Lab) -> list[Case]:
     return out
 
 
+def _listing(root: Path, *keep: Path) -> set[str]:
+    """Every file under ``root`` except those under ``keep`` (the outputs and caches a case may write)."""
+    return {str(p) for p in root.rglob("*") if p.is_file() and not any(p.is_relative_to(k) for k in keep)}
+
+
+def _mount(path: Path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+def _unmount(path: Path) -> None:
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def surface_cases(lab: Lab) -> list[Case]:
+    """The surfaces added for OpenOOD parity and own data: decoding, guard folders, names that are paths, output
+    folders, full disks, cache keys, torchrun. "Data lost" also says whether any file appeared outside the case's
+    outputs and cache, or any file that was there before went missing."""
+    out: list[Case] = []
+
+    def cli(name: str, argv: list[str], lost: str | Callable[[], str], d: Path, *keep: Path) -> None:
+        before = _listing(lab.root, d / "cache", *keep)
+        msg, code = _cli(argv)
+        after = _listing(lab.root, d / "cache", *keep)
+        verdict = lost() if callable(lost) else lost
+        if after - before:
+            verdict += f"; FILES OUTSIDE ITS OUTPUTS: {sorted(after - before)[:2]}"
+        if before - after:
+            verdict += f"; FILES REMOVED: {sorted(before - after)[:2]}"
+        out.append((name, msg, str(code), verdict))
+
+    g = np.random.default_rng(1)
+    d = lab.fresh("decoding")
+    det = d / "energy"
+    assert _cli(["fit", "energy", "--suite", str(lab.suite), "--model", str(lab.ckpt), "--out", str(det),
+                 "--device", "cpu"])[1] == 0
+    imgs = d / "encodings"
+    imgs.mkdir()
+    base = g.integers(0, 256, (28, 28), dtype=np.uint8)
+    Image.fromarray(base).save(imgs / "a-8bit.png")
+    Image.fromarray(base.astype(np.uint16) * 257).save(imgs / "b-16bit.png")
+    Image.fromarray(base).convert("P").save(imgs / "c-palette.gif")
+    Image.fromarray(base).save(imgs / "d-grey.webp", lossless=True)
+    Image.fromarray(base).convert("LA").save(imgs / "e-grey-alpha.png")
+    Image.fromarray(base).convert("CMYK").save(imgs / "f-cmyk.tiff")
+    Image.fromarray(np.stack([base] * 3, -1)).save(imgs / "g-rgb.png")
+
+    def scores(csv_file: Path, column: int = 1) -> dict[str, float]:
+        rows = [ln.split(",") for ln in csv_file.read_text().splitlines()[1:]]
+        return {Path(r[0]).name: float(r[column]) if r[column] else math.nan for r in rows}
+
+    def same_scores(csv_file: Path, column: int = 1) -> str:
+        sc = scores(csv_file, column)
+        gap16 = abs(sc["b-16bit.png"] - sc["a-8bit.png"])
+        worst = max(abs(v - sc["a-8bit.png"]) for v in sc.values())
+        return (f"none: {len(sc)} of 7 scored; 16-bit PNG = its 8-bit twin (|diff| {gap16:.1e}); every encoding within "
+                f"{worst:.2g} of it")
+
+    cli("`oodlab score` on one picture as 8-bit, 16-bit, palette GIF, grey WebP, grey+alpha, CMYK TIFF, RGB",
+        ["score", str(det), str(imgs), "--model", str(lab.ckpt), "--out", str(d / "s.csv"), "--device", "cpu"],
+        lambda: same_scores(d / "s.csv"), d, d / "s.csv")
+    guard = d / "guard"
+    assert _cli(["guard", "build", "energy", "--suite", str(lab.suite), "--model", str(lab.ckpt), "--alpha", "0.2",
+                 "--out", str(guard), "--device", "cpu"])[1] == 0
+    cli("`oodlab guard check` on the same mixed-encoding folder",
+        ["guard", "check", str(guard), str(imgs), "--out", str(d / "flags.csv"), "--device", "cpu"],
+        lambda: same_scores(d / "flags.csv", 2), d, d / "flags.csv")
+    bomb = d / "bomb"
+    bomb.mkdir()
+    Image.new("L", (20000, 20000)).save(bomb / "huge.png", optimize=False)
+    Image.fromarray(base).save(bomb / "fine.png")
+    t0 = time.perf_counter()
+
+    def bomb_rows() -> str:
+        rows = (d / "b.csv").read_text().splitlines()
+        huge = next(r for r in rows if "huge.png" in r)
+        return (f"none: the fine image scored, the 400 Mpixel one in its error row, never decoded "
+                f"({time.perf_counter() - t0:.2f} s in all)" if len(rows) == 3 and "over the limit" in huge
+                else "not refused")
+
+    cli("`oodlab score`, a 20000 x 20000 PNG (decompression bomb) beside a normal image",
+        ["score", str(det), str(bomb), "--model", str(lab.ckpt), "--out", str(d / "b.csv"), "--device", "cpu"],
+        bomb_rows, d, d / "b.csv")
+
+    # guard folders
+    d = lab.fresh("guard-folder")
+    g1 = d / "g"
+    assert _cli(["guard", "build", "energy", "--suite", str(lab.suite), "--model", str(lab.ckpt), "--alpha", "0.2",
+                 "--out", str(g1), "--device", "cpu"])[1] == 0
+    info = json.loads((g1 / "guard.json").read_text())
+    check = ["guard", "check", str(g1), str(lab.images), "--out", str(d / "f.csv"), "--device", "cpu"]
+    (g1 / "guard.json").write_text(json.dumps({**info, "k": 0}))
+    cli("`guard.json` edited (`k` set to 0), `oodlab guard check`", check, "none: nothing written", d)
+    (g1 / "guard.json").write_text(json.dumps({k: v for k, v in {**info, "k": 10**9}.items() if k != "sha256"}))
+    cli("`guard.json` edited (`k` = 10^9, its checksum removed), `oodlab guard check`", check, "none: nothing written", d)
+    (g1 / "guard.json").write_text(json.dumps(info))
+    cli("`oodlab guard check --out` naming a folder", [*check[:-4], "--out", str(d), "--device", "cpu"],
+        "none: nothing written", d)
+    mine = d / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    build = ["guard", "build", "energy", "--suite", str(lab.suite), "--model", str(lab.ckpt), "--alpha", "0.2",
+             "--device", "cpu", "--out"]
+    cli("`oodlab guard build --out` a folder of the user's files", [*build, str(mine)],
+        lambda: "none: notes.txt kept" if (mine / "notes.txt").read_text() == "keep me" else "notes.txt lost", d)
+    (d / "a-file").write_text("data")
+    cli("`oodlab guard build --out` an existing file", [*build, str(d / "a-file")],
+        lambda: "none: the file kept, no hidden copy" if (d / "a-file").read_text() == "data"
+        and not list(d.glob(".a-file*")) else "the file was moved", d)
+    t0 = time.perf_counter()
+    cli("`oodlab guard build --alpha 1.5` (checked before any work)", [*build, str(d / "g2"), "--alpha", "1.5"],
+        lambda: f"none: refused after {time.perf_counter() - t0:.2f} s, nothing written", d)
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), d / "r18.pth")
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+        ok = _cli(["guard", "build", "energy", "--suite", str(lab.suite), "--model", "torchvision:resnet18", "--weights",
+                   "r18.pth", "--alpha", "0.2", "--out", "rel", "--device", "cpu"])[1] == 0
+    finally:
+        os.chdir(cwd)
+    (d / "elsewhere").mkdir()
+    os.chdir(d / "elsewhere")
+    try:
+        cli("a guard built with `--weights r18.pth` (relative), checked from another folder",
+            ["guard", "check", str(d / "rel"), str(lab.images), "--out", "flags.csv", "--device", "cpu"],
+            lambda: "none: all 4 images checked" if ok and len((d / "elsewhere" / "flags.csv").read_text()
+                                                             .splitlines()) == 5 else "failed", d, d / "elsewhere")
+    finally:
+        os.chdir(cwd)
+
+    # names that are paths, lists outside their root
+    d = lab.fresh("names")
+    for name in ("../../escaped", "id"):
+        toml = d / f"suite-{len(out)}.toml"
+        toml.write_text(f'root = {str(lab.data)!r}\n[id]\ntrain = "train"\ntest = "test"\n[ood.far]\n"{name}" = "noise"\n')
+        cli(f"an OOD set named `{name}` in a suite file, `oodlab bench`",
+            ["bench", "--suite", str(toml), "--model", str(lab.ckpt), "--detectors", "energy", "--out", str(d / "o")],
+            lambda: "none: nothing written" if not (d / "o").exists() and not (lab.root.parent / "escaped").exists()
+            else "files written", d)
+    (d / "lists").mkdir()
+    (d / "imgs").mkdir()
+    for i in range(2):
+        (d / "imgs" / f"{i}.png").write_bytes((lab.data / "noise" / f"{i:03d}.png").read_bytes())
+    (d / "lists" / "ood.txt").write_text("imgs/0.png 0\n/etc/passwd 0\n")
+    for allow in ("", "allow_outside_root = true\n"):
+        toml = d / f"list-suite-{len(out)}.toml"
+        toml.write_text(f'{allow}root = {str(d)!r}\n[id]\ntrain = {str(lab.data / "train")!r}\ntest = '
+                        f'{str(lab.data / "test")!r}\n[ood.far]\nmine = "lists/ood.txt"\n')
+        cli(f"an image list naming `/etc/passwd` (absolute, outside its root){' with allow_outside_root' if allow else ''}"
+            ", `oodlab bench`",
+            ["bench", "--suite", str(toml), "--model", str(lab.ckpt), "--detectors", "energy", "--out",
+             str(d / f"o{len(out)}")],
+            "none: nothing written" if not allow else "none: the user allowed it; /etc/passwd is an unreadable image "
+            "(its error row), the other image is scored", d, d / f"o{len(out)}")
+    latin = d / "lists" / "latin.txt"
+    latin.write_bytes(b"noise/000.png 0\nnoise/f\xfcr.png 0\n")
+    dup = d / "lists" / "dup.txt"
+    dup.write_text("noise/000.png 0\nnoise/000.png 0\nnoise/001.png 0\n")
+    huge = d / "lists" / "huge.txt"
+    huge.write_text("noise/000.png 99999999999999999999999\n")
+    for what, lst in (("in Latin-1", latin), ("listing one image twice", dup), ("with a label too large for int64", huge)):
+        toml = d / f"enc-{len(out)}.toml"
+        toml.write_text(f'root = {str(lab.data)!r}\n[id]\ntrain = "train"\ntest = "test"\n[ood.far]\nmine = '
+                        f'{{ list = {str(lst)!r} }}\n')
+        o = d / f"o{len(out)}"
+        cli(f"an image list {what}, `oodlab bench`",
+            ["bench", "--suite", str(toml), "--model", str(lab.ckpt), "--detectors", "energy", "--out", str(o)],
+            "none: nothing written" if lst != dup else "none: the run goes on (rows for the 3 entries)", d, o)
+
+    # output folders
+    d = lab.fresh("outputs")
+    (d / "afile").write_text("mine")
+    cli("`oodlab bench --out` an existing file", lab.bench_args(d / "afile"),
+        lambda: "none: the file kept" if (d / "afile").read_text() == "mine" else "the file changed", d)
+    (d / "user").mkdir()
+    (d / "user" / "notes.txt").write_text("my notes")
+    cli("`oodlab bench --out` a folder of the user's files", lab.bench_args(d / "user"),
+        lambda: "none: notes.txt kept" if (d / "user" / "notes.txt").read_text() == "my notes" else "lost", d)
+    ro = d / "read-only"
+    if _mount(ro, "size=1m,ro"):
+        try:
+            for name, argv in (("oodlab bench --out", lab.bench_args(ro / "run")),
+                               ("oodlab guard export --out", ["guard", "export", str(d / "g"), "--out", str(ro / "g.onnx")]),
+                               ("oodlab train --out", ["train", "--suite", str(lab.suite), "--epochs", "1", "--out",
+                                                       str(ro / "t")])):
+                cli(f"`{name}` under a read-only file system", argv, "none: nothing written", d)
+        finally:
+            _unmount(ro)
+    small = d / "small-disk"
+    if _mount(small, "size=64k"):
+        try:
+            os.environ["OODLAB_CACHE"] = str(small / "cache")
+            cli("`oodlab bench` with its feature cache on a full disk (64 KiB)", lab.bench_args(d / "o-cache"),
+                lambda: f"none: the set that did not fit was refused before its forward pass; "
+                f"{len(list(small.rglob('shard-*.json')))} finished shards kept, nothing in --out"
+                if not (d / "o-cache").exists() and not [p for p in small.rglob(".*") if p.is_file()]
+                else "files written", d, small)
+            os.environ["OODLAB_CACHE"] = str(d / "cache")
+            cli("`oodlab bench --out` on a full disk (64 KiB)", lab.bench_args(small / "o"),
+                lambda: "none: refused before any work" if not (small / "o").exists() else "files written", d, small)
+            import oodlab.bench.api as bench_api
+
+            real = bench_api.free_bytes
+            bench_api.free_bytes = lambda p: 1 << 40  # past the estimate: the disk fills during the run
+            try:
+                cli("`oodlab bench --out` on a disk that fills during the run (64 KiB)", lab.bench_args(small / "o2"),
+                    lambda: "none: only whole rows and whole score files were written; the same command resumes"
+                    if all(ln.endswith("}") for ln in ((small / "o2" / "results.jsonl").read_text().splitlines()
+                                                       if (small / "o2" / "results.jsonl").exists() else []))
+                    and not [p for p in small.rglob(".*") if p.is_file()] else "half-written files", d, small)
+            finally:
+                bench_api.free_bytes = real
+            cli("`oodlab guard build --out` on a full disk (64 KiB)", [*build, str(small / "g")],
+                lambda: "none: no folder, no temporary folder" if not [p for p in small.iterdir() if p.name == "g" or
+                                                                       p.name.startswith(".g.")] else "files left",
+                d, small)
+        finally:
+            _unmount(small)
+
+    # cache keys, symlinks, cheap checks
+    d = lab.fresh("cache-keys")
+    a, b = d / "a", d / "b"
+    for folder, value in ((a, 10), (b, 200)):
+        folder.mkdir()
+        for i in range(4):
+            Image.new("L", (28, 28), value + i).save(folder / f"x{i}.png")
+            os.utime(folder / f"x{i}.png", ns=(10**18, 10**18))
+    det = d / "energy"
+    assert _cli(["fit", "energy", "--suite", str(lab.suite), "--model", str(lab.ckpt), "--out", str(det),
+                 "--device", "cpu"])[1] == 0
+    score = lambda folder, csv_name: ["score", str(det), str(folder), "--model", str(lab.ckpt), "--out",  # noqa: E731
+                                      str(d / csv_name), "--device", "cpu"]
+    assert _cli(score(a, "a.csv"))[1] == 0
+    cli("two folders with the same file names, sizes and mtimes but other pixels, scored one after the other",
+        score(b, "b.csv"), lambda: "none: each its own cache entry (inode and ctime in the key); scores differ"
+        if sorted(scores(d / "a.csv").values()) != sorted(scores(d / "b.csv").values()) else "the entry was shared",
+        d, d / "a.csv", d / "b.csv")
+    top = d / "top"
+    top.mkdir()
+    for i in range(5):
+        Image.new("L", (28, 28), 20 * i).save(top / f"t{i}.png")
+    (d / "real").mkdir()
+    for i in range(5):
+        Image.new("L", (28, 28), 20 * i + 5).save(d / "real" / f"r{i}.png")
+    os.symlink(d / "real", top / "linked")
+    cli("`oodlab score` on a folder with a symlinked sub-folder", score(top, "top.csv"),
+        lambda: f"none: {len(scores(d / 'top.csv'))} of 10 reachable images scored", d, d / "top.csv")
+    cli("`oodlab train --fit-subset 0`", ["train", "--suite", str(lab.suite), "--fit-subset", "0", "--out",
+                                          str(d / "t")], "none: nothing written", d)
+    (d / "same").mkdir()
+    for p in (lab.data / "test" / "bar").iterdir():
+        (d / "same" / p.name).write_bytes(p.read_bytes())
+    toml = d / "copies.toml"
+    toml.write_text(f'root = {str(lab.data)!r}\n[id]\ntrain = "train"\ntest = "test"\n[ood.far]\ncopies = '
+                    f'{str(d / "same")!r}\nnoise = "noise"\n')
+    cli("an OOD set whose images are copies of ID test images (other names), `oodlab bench`",
+        ["bench", "--suite", str(toml), "--model", str(lab.ckpt), "--detectors", "energy", "--out", str(d / "o"),
+         "--device", "cpu"], "none: the run goes on, warned", d, d / "o")
+
+    # torchrun: one rank cannot read a folder
+    d = lab.fresh("torchrun")
+    driver = d / "driver.py"
+    driver.write_text("import os, sys\nfrom oodlab.cli import main\nfrom oodlab.features import extraction\n"
+                      "if os.environ.get('RANK') == '1':  # this rank cannot read the ID training folder\n"
+                      "    def unreadable(*a, **k):\n"
+                      f"        raise PermissionError('cannot read folder {lab.data}/train: Permission denied')\n"
+                      "    extraction.extract = unreadable\nsys.exit(main())\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(driver), *lab.bench_args(d / "o")], env=_env(d / "cache"), capture_output=True,
+                          text=True, timeout=600)
+    lines = sorted(ln for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.startswith("oodlab bench"))
+    out.append(("`torchrun --nproc-per-node 2 oodlab bench`, rank 1 cannot read a folder", "\n".join(lines),
+                f"{proc.returncode} (torchrun's)", "none: no results file written or read"
+                if not (d / "o").exists() else "results written"))
+    return out
+
+
 def _cell(text: str, root: Path) -> str:
     lines = [ln.strip() for ln in text.replace(str(root), "DIR").splitlines() if ln.strip()]
     return " / ".join(lines).replace("|", "\\|").replace("<", "&lt;") or "(nothing)"
@@ -461,7 +743,7 @@ def run() -> None:
         os.chdir(root)
         try:
             lab = Lab(root)
-            cases = cli_cases(lab) + api_cases(lab) + kill_cases(lab)
+            cases = cli_cases(lab) + api_cases(lab) + kill_cases(lab) + surface_cases(lab)
         finally:
             os.chdir(cwd)
         text = table(cases, root)

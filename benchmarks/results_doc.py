@@ -1,4 +1,5 @@
-"""Assemble docs/results.md from the sections that benchmark scripts write.
+"""The benchmarks' shared harness: thread settings, timing with repeats, markdown tables, and the sections of
+docs/results.md.
 
 Each script in benchmarks/ calls :func:`write_section` with its own markdown (command, machine,
 numbers); the section lands in ``docs/results/<name>.md`` and docs/results.md is rebuilt from all
@@ -9,14 +10,42 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ROOT / "docs" / "results"
-ORDER = ["bench", "guard", "input_pipeline", "train_loop", "detectors", "crosscheck", "crosscheck_openood", "crosscheck_openood_resnet18", "search", "sweep",
+ORDER = ["bench", "guard", "input_pipeline", "train_loop", "detectors", "crosscheck", "crosscheck_openood", "crosscheck_openood_resnet18", "search", "sweep", "intervals",
          "flow", "train_outliers", "unleashing_mask", "claims", "reliability", "scale"]
+
+
+def threads(n: int = 2) -> None:
+    """Pin torch (and the BLAS under NumPy, for processes started after this) to ``n`` threads: on a loaded
+    2-core machine torch's default can stall."""
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    torch.set_num_threads(n)
+
+
+def timed(fn: Callable[[], object], repeats: int = 5) -> tuple[float, float]:
+    """(median, half the inter-quartile range) of ``repeats`` wall-clock runs of ``fn``, in seconds."""
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    q = statistics.quantiles(runs, n=4) if len(runs) > 1 else [runs[0]] * 3
+    return statistics.median(runs), (q[2] - q[0]) / 2
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
 def machine() -> str:

@@ -144,21 +144,21 @@ def _timed(fn: Callable, spent: list[float]) -> Callable:
 def oodlab_run(suite: Suite, ckpt: Path, detectors: list[str], cache: Path,
                out: Path) -> tuple[float, float, float, list[dict]]:
     """``run_bench`` into feature cache ``cache``: (seconds in all, seconds of them in the HTML report, seconds of
-    them in the bootstrap intervals of the rows, rows).
+    them in the confidence intervals of the rows, rows).
 
     Every run's process CPU time is added to :data:`CPU` under ``out.name``."""
     previous = os.environ.get("OODLAB_CACHE")
     os.environ["OODLAB_CACHE"] = str(cache)
-    draw, ci, report_s, ci_s = bench_api.write_report, bench_runner.bootstrap_ci, [], []
+    draw, ci, report_s, ci_s = bench_api.write_report, bench_runner.confidence_intervals, [], []
     bench_api.write_report = _timed(draw, report_s)  # run_bench's own calls, timed where they happen
-    bench_runner.bootstrap_ci = _timed(ci, ci_s)
+    bench_runner.confidence_intervals = _timed(ci, ci_s)
     try:
         t0, c0 = time.perf_counter(), time.process_time()
         rows = run_bench(RunSpec(ckpt, data=suite), detectors=detectors, out_dir=out, verbose=False)
         CPU.setdefault(out.name, []).append(time.process_time() - c0)
         return time.perf_counter() - t0, sum(report_s), sum(ci_s), rows
     finally:
-        bench_api.write_report, bench_runner.bootstrap_ci = draw, ci
+        bench_api.write_report, bench_runner.confidence_intervals = draw, ci
         if previous is None:
             os.environ.pop("OODLAB_CACHE")
         else:
@@ -402,8 +402,8 @@ cold sweep, and usage 2 {_median_ratio(pod2[0], cold):.2f}x. `run_bench` also dr
 detector (median {statistics.median(t['report cold']):.1f} s of the cold sweep here), which pytorch-ood does not do; ODIN needs the model in
 both libraries (oodlab {statistics.median(t['odin cold']):.1f} s, pytorch-ood {statistics.median(t['pod1 odin']):.1f} s).
 Setting both aside, usage 1 takes **{_median_ratio(pod1[1], cold_core):.2f}x** as long as oodlab and usage 2
-{_median_ratio(pod2[1], cold_core):.2f}x. `run_bench` also computes 95% bootstrap intervals of AUROC and FPR95 (1000
-resamples) for every row ({len(names)} detectors x {len(suite.ood)} OOD sets; median {ci_cold:.1f} s of the cold sweep),
+{_median_ratio(pod2[1], cold_core):.2f}x. `run_bench` also computes 95% intervals of AUROC (DeLong) and FPR95 (1000
+bootstrap draws) for every row ({len(names)} detectors x {len(suite.ood)} OOD sets; median {ci_cold:.1f} s of the cold sweep),
 which pytorch-ood does not either; without them as well (oodlab {statistics.median(no_ci):.1f} s), usage 1 takes
 **{_median_ratio(pod1[1], no_ci):.2f}x** as long as oodlab and usage 2 {_median_ratio(pod2[1], no_ci):.2f}x.
 The full sweep costs {_median_ratio(cold, t['one']):.2f}x one detector alone (Energy fits on nothing, so that run extracts

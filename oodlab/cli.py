@@ -189,10 +189,10 @@ def _train(a: argparse.Namespace) -> None:
                    track_ood=a.track_ood)
 
 
-def _writable(path: str | Path) -> None:
+def _writable(path: str | Path, file: bool = False) -> None:
     from .runtime import check_writable
 
-    check_writable(path)  # before any work
+    check_writable(path, file=file)  # before any work
 
 
 def _bench(a: argparse.Namespace) -> None:
@@ -213,7 +213,7 @@ def _fit(a: argparse.Namespace) -> None:
 def _score(a: argparse.Namespace) -> None:
     from .scoring import score_folder
 
-    _writable(a.out)
+    _writable(a.out, file=True)
     n = score_folder(_spec(a), a.detector_file, a.images, a.out, strict=a.strict)
     print(f"scored {n} images (higher = more in-distribution) -> {a.out}")
 
@@ -231,12 +231,12 @@ def _guard(a: argparse.Namespace) -> None:
         print(f"guard for {guard.detector.name} ({rule}) calibrated on {guard.calibration_source}: "
               f"flag when score < {guard.threshold:.6g} -> {guard.save(a.out, a.overwrite)}")
     elif a.guard_cmd == "check":
-        _writable(a.out)
+        _writable(a.out, file=True)
         out = check_folder(Guard.load(a.guard_dir, device=a.device), a.images, a.out, a.strict)
         print(f"{int(out.is_ood.sum())} of {len(out)} images flagged as out-of-distribution -> {a.out}")
     else:
         path = a.out or f"{a.guard_dir}/guard.{'onnx' if a.format == 'onnx' else 'pt'}"
-        _writable(path)
+        _writable(path, file=True)
         print(f"exported {Guard.load(a.guard_dir).export(path, a.format)} "
               "(input: images (N, C, H, W) in [0, 1]; outputs: logits, score, p_value, is_ood)")
 
@@ -246,7 +246,7 @@ def _report(a: argparse.Namespace) -> None:
     from .bench.report import write_tables
 
     if a.out:
-        _writable(a.out)
+        _writable(a.out, file=True)
     for path in a.runs:
         run = load_run(path)
         write_tables(run.path, run.rows, run.settings)
@@ -282,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
 
     joined = done = False
     rc = 0
+    import warnings
+
+    shown = warnings.showwarning  # a warning is one line too, without the source line that raised it
+    warnings.showwarning = lambda message, *_, **__: print(f"oodlab {args.cmd}: warning: {message}", file=sys.stderr)
     try:
         if args.cmd in ("train", "bench"):
             joined = distributed.init()  # under torchrun: join the process group (gloo on CPU, NCCL on CUDA)
@@ -303,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         rc = 130
     finally:
+        warnings.showwarning = shown
         if joined:
             distributed.shutdown(wait=done)
     if joined:

@@ -12,13 +12,14 @@ FPR at a TPR target follows one rule: walk the ROC curve over *every* distinct t
 the highest score down and report the FPR at the first threshold whose TPR reaches the target.
 Tied scores form one threshold, so all tied samples are accepted together.
 
-Confidence intervals (:func:`bootstrap_ci`): a seeded bootstrap that resamples the ID and the OOD
-scores separately (each with replacement, at its own size), recomputes AUROC and FPR95 exactly on
-every resample, and reports the percentile interval (95% by default: the 2.5th and 97.5th
-percentiles of the 1,000 resampled values, NumPy's linear interpolation).
+Confidence intervals (:func:`confidence_intervals`): DeLong's interval for AUROC (on the logit scale) and a
+seeded percentile bootstrap for FPR95 (ID and OOD resampled separately; 1,000 resamples drawn from their exact
+distribution without materialising them). :func:`bootstrap_metrics` gives the full bootstrap of both metrics.
 """
 
 from __future__ import annotations
+
+from statistics import NormalDist
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -26,7 +27,7 @@ from numpy.typing import ArrayLike
 from .validate import number, score_array
 
 __all__ = ["auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "fpr_at_tpr_ood_positive", "evaluate", "bootstrap_metrics",
-           "bootstrap_ci"]
+           "confidence_intervals"]
 
 
 def _labelled(score_id: ArrayLike, score_ood: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -107,6 +108,17 @@ def evaluate(score_id: ArrayLike, score_ood: ArrayLike) -> dict[str, float]:
     }
 
 
+def _needed(n: int, tpr: float) -> int:
+    """The fewest of ``n`` ID samples at or above a threshold for :func:`fpr_at_tpr`'s test ``tps / n >= tpr``."""
+    target = tpr - 1e-12
+    need = int(np.ceil(target * n))
+    while need > 0 and (need - 1) / n >= target:
+        need -= 1
+    while need / n < target:
+        need += 1
+    return need
+
+
 _BOOT_CHUNK = 1 << 18  # resampled entries (resamples x samples) held at once: bounds memory, not results
 
 
@@ -134,12 +146,7 @@ def bootstrap_metrics(score_id: ArrayLike, score_ood: ArrayLike, n_boot: int = 1
     rank_id[id_order], rank_ood[ood_order] = np.arange(n), np.arange(m)  # sample -> position in x / y
     below = np.searchsorted(y, x, "left")  # OOD positions under each sorted ID score
     id_below, id_upto = np.searchsorted(x, y, "left"), np.searchsorted(x, y, "right")  # ID under / at each OOD score
-    target = tpr - 1e-12  # fpr_at_tpr's test, tps / n >= target, as a whole count of resampled ID
-    need = int(np.ceil(target * n))
-    while need > 0 and (need - 1) / n >= target:
-        need -= 1
-    while need / n < target:
-        need += 1
+    need = _needed(n, tpr)
     rng = np.random.default_rng(seed)
     aurocs, fprs = np.empty(n_boot), np.empty(n_boot)
     step = max(1, _BOOT_CHUNK // (n + m))
@@ -163,16 +170,46 @@ def bootstrap_metrics(score_id: ArrayLike, score_ood: ArrayLike, n_boot: int = 1
     return aurocs, fprs
 
 
-def bootstrap_ci(score_id: ArrayLike, score_ood: ArrayLike, n_boot: int = 1000, level: float = 0.95,
-                 seed: int = 0) -> dict[str, float]:
-    """Percentile bootstrap intervals for AUROC and FPR95: ``auroc_lo``, ``auroc_hi``, ``fpr95_lo``, ``fpr95_hi``.
+def confidence_intervals(score_id: ArrayLike, score_ood: ArrayLike, level: float = 0.95, n_boot: int = 1000,
+                         seed: int = 0) -> dict[str, float]:
+    """Intervals for AUROC and FPR95 at ``level``: ``auroc_lo``, ``auroc_hi``, ``fpr95_lo``, ``fpr95_hi``.
 
-    ID and OOD scores are resampled separately (:func:`bootstrap_metrics`, seeded); the bounds are the
-    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the ``n_boot`` resampled values.
+    AUROC: DeLong's variance (the placement values' variances, ties counted one half), as a Wald interval on the
+    logit scale, so that it stays inside [0, 1] (a point estimate of exactly 0 or 1 gives that point).
+    FPR95: the percentile interval of ``n_boot`` bootstrap resamples (ID and OOD resampled separately, seeded),
+    drawn in O(1) each without resampling: the resampled threshold is an order statistic of the ID scores,
+    its position ``floor(n U)`` with ``U ~ Beta(r, n - r + 1)``; the resampled OOD count at or above it is
+    ``Binomial(m, q)`` with ``q`` its OOD share. Both draws have exactly the distribution of the full
+    bootstrap's (:func:`bootstrap_metrics`), at about 1/100 of its cost.
     """
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    aurocs, fprs = bootstrap_metrics(score_id, score_ood, n_boot, seed)
-    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
-    (a_lo, a_hi), (f_lo, f_hi) = np.percentile(aurocs, q), np.percentile(fprs, q)
+    number("level", level, 0.0, 1.0, low_open=True, high_open=True)
+    if int(n_boot) != n_boot or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot}")
+    scores, labels = _labelled(score_id, score_ood)
+    x, y = np.sort(scores[labels == 1]), np.sort(scores[labels == 0])
+    n, m = x.size, y.size
+    # DeLong: each ID sample's share of OOD below it, each OOD sample's share of ID above it (ties one half)
+    v10 = (np.searchsorted(y, x, "left") + np.searchsorted(y, x, "right")) / (2.0 * m)
+    v01 = 1.0 - (np.searchsorted(x, y, "left") + np.searchsorted(x, y, "right")) / (2.0 * n)
+    a = float(v10.mean())
+    var = (v10.var(ddof=1) / n if n > 1 else 0.0) + (v01.var(ddof=1) / m if m > 1 else 0.0)
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    if 0.0 < a < 1.0 and var > 0:
+        logit, half = np.log(a / (1 - a)), z * np.sqrt(var) / (a * (1 - a))
+        a_lo, a_hi = 1 / (1 + np.exp(-(logit - half))), 1 / (1 + np.exp(-(logit + half)))
+    else:
+        a_lo = a_hi = a
+    fprs = _fpr_draws(x, y, int(n_boot), seed)
+    f_lo, f_hi = np.percentile(fprs, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return {"auroc_lo": float(a_lo), "auroc_hi": float(a_hi), "fpr95_lo": float(f_lo), "fpr95_hi": float(f_hi)}
+
+
+def _fpr_draws(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int, tpr: float = 0.95) -> np.ndarray:
+    """FPR@``tpr`` of ``n_boot`` bootstrap resamples of sorted ID scores ``x`` and OOD scores ``y``, drawn from their
+    distribution directly (see :func:`confidence_intervals`)."""
+    n, m = x.size, y.size
+    need = _needed(n, tpr)
+    rng = np.random.default_rng(seed)
+    k = np.minimum((n * rng.beta(n - need + 1, need, n_boot)).astype(np.int64), n - 1)  # the threshold's position
+    share = (m - np.searchsorted(y, x[k], "left")) / m  # OOD at or above each resampled threshold
+    return rng.binomial(m, share) / m

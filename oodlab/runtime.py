@@ -120,6 +120,10 @@ def free_bytes(path: str | Path) -> int:
     return shutil.disk_usage(_existing_folder(Path(path).absolute())).free
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
+
+
 def disk_full(path: str | Path, need: int | None = None) -> DiskFullError:
     """The one-line error for a full device under ``path``: where, how much is free (and ``need``), what to do."""
     path = Path(path).absolute()
@@ -130,9 +134,9 @@ def disk_full(path: str | Path, need: int | None = None) -> DiskFullError:
         in_cache = False
     advice = ("free space there, or set OODLAB_CACHE to a folder on a disk with room" if in_cache
               else "free space there, or write to a folder on a disk with room")
-    needs = f"; about {need / 1e6:.1f} MB are needed" if need is not None else ""
+    needs = f"; about {_size(need)} are needed" if need is not None else ""
     what = f"for {path.name}" if need is not None else f"while writing {path.name}; nothing half-written was kept"
-    return DiskFullError(f"no space left on the device holding {folder} ({free / 1e6:.1f} MB free{needs}) {what}: "
+    return DiskFullError(f"no space left on the device holding {folder} ({_size(free)} free{needs}) {what}: "
                          f"{advice}")
 
 
@@ -217,8 +221,11 @@ def _read_only_ancestor(path: str | Path) -> Path | None:
     return None if os.access(parent, os.W_OK) else parent
 
 
-def check_writable(path: str | Path, flag: str = "--out") -> None:
-    """Refuse, before any work, an output ``path`` under a folder that cannot be written to (one line)."""
+def check_writable(path: str | Path, flag: str = "--out", file: bool = False) -> None:
+    """Refuse, before any work, an output ``path`` under a folder that cannot be written to, or (``file``) that is
+    an existing folder where a file is to be written (one line)."""
+    if file and Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give the name of the file to write (e.g. {Path(path) / 'out.csv'})")
     if (locked := _read_only_ancestor(path)) is not None:
         raise ValueError(f"{flag} {path}: {locked} is read-only; choose a folder you can write to")
 

@@ -102,8 +102,9 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         out.write(f"| {_label(s, keys)} | " + " | ".join(cells)
                   + f" | {_pct(s['mean']['auroc'])} | {_pct(s['mean']['fpr95'])} | "
                   + "".join(f"{c} | " for c in _kind_cells(s, " / ")) + f"{_pct(s['id_acc'])} |\n")
-    out.write("\n## All metrics\n\n`auroc_lo`–`auroc_hi` and `fpr95_lo`–`fpr95_hi`: 95% percentile bootstrap intervals "
-              "(1,000 resamples of the ID and the OOD scores, each resampled separately; seed 0).\n\n"
+    out.write("\n## All metrics\n\n`auroc_lo`–`auroc_hi` and `fpr95_lo`–`fpr95_hi`: 95% intervals: DeLong's for AUROC (logit "
+              "scale), a percentile bootstrap for FPR95 (1,000 resamples of the ID and the OOD scores, each resampled "
+              "separately; seed 0).\n\n"
               "| detector | OOD set | group | kind | AUROC | FPR95 | AUPR-In | AUPR-Out | auroc_lo | auroc_hi | fpr95_lo | "
               "fpr95_hi |\n" + "|---" * 12 + "|\n")
     for r in rows:

@@ -10,7 +10,7 @@ that fit on it, the OOD sets only when some detector scores features.
 
 Next to the feature cache, fitted detector states (keyed by model, training set and detector
 settings), the per-sample scores of every detector (keyed by model, the exact features or images,
-detector settings and fit data) and the bootstrap intervals (keyed by the scores) are cached too,
+detector settings and fit data) and the confidence intervals (keyed by the scores) are cached too,
 so a second run on the same model fits, scores and resamples nothing again. Fitting and model-path scoring are deterministic for a device and thread count;
 each entry carries a SHA-256 of its tensors, and one that cannot be read or was altered is
 recomputed (with a warning), never used.
@@ -38,7 +38,7 @@ from ..data.suites import Suite
 from ..detectors.base import Detector, fit_data
 from .. import distributed
 from ..features import FeatureCache, FeatureSource
-from ..metrics import bootstrap_ci, evaluate
+from ..metrics import confidence_intervals, evaluate
 from ..models.adapter import Classifier
 from ..runtime import (IntegrityError, append_whole, atomic_path, atomic_write_text, digest, load_checked, progress,
                        save_checked, sha256_hex)
@@ -160,9 +160,10 @@ def _score(det: Detector, ctx: BenchContext, feats: FeatureSource | None, data) 
 
 
 def _intervals(ctx: BenchContext, score_id: np.ndarray, score_ood: np.ndarray) -> dict[str, float]:
-    """:func:`~oodlab.metrics.bootstrap_ci` of two score arrays, cached by their content (seeded, so the same
-    scores always give the same intervals)."""
-    key = sha256_hex([score_id.astype(np.float64).tobytes(), b"|", score_ood.astype(np.float64).tobytes()])[:24]
+    """:func:`~oodlab.metrics.confidence_intervals` of two score arrays, cached by their content (seeded, so the
+    same scores always give the same intervals)."""
+    key = sha256_hex(["intervals-v2|", score_id.astype(np.float64).tobytes(), b"|",
+                      score_ood.astype(np.float64).tobytes()])[:24]
     path = Path(ctx.cache.root).parent / "intervals" / f"{key}.json"
     try:
         found = json.loads(path.read_text())
@@ -170,8 +171,7 @@ def _intervals(ctx: BenchContext, score_id: np.ndarray, score_ood: np.ndarray) -
             return {k: float(v) for k, v in found.items()}
     except (OSError, ValueError, TypeError):  # none yet, or unreadable: computed again
         pass
-    ci = bootstrap_ci(score_id, score_ood)  # 95% percentile intervals, 1000 resamples, seed 0
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ci = confidence_intervals(score_id, score_ood)  # 95%: DeLong (AUROC), 1000 bootstrap draws seed 0 (FPR95)
     atomic_write_text(path, json.dumps(ci))
     return ci
 

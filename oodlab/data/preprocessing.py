@@ -80,7 +80,7 @@ class Preprocessing:
                                  f"{limit:,} (a decompression bomb?); raise OODLAB_MAX_PIXELS to read it")
             if self.reader == "torchvision":
                 try:
-                    return self._load_tensor(path)
+                    return self._load_tensor(path, im.format)
                 except (RuntimeError, ImportError):  # a format torchvision.io does not decode (or no decoder): PIL's
                     pass
             im = ImageOps.exif_transpose(im)
@@ -93,7 +93,7 @@ class Preprocessing:
                 object.__setattr__(self, "_tf", self.transform())
             return self._tf(im)
 
-    def _load_tensor(self, path: str | Path) -> Tensor:
+    def _load_tensor(self, path: str | Path, fmt: str | None = None) -> Tensor:
         import torch
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
@@ -102,7 +102,8 @@ class Preprocessing:
             warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec; it still decodes
             from torchvision.io import ImageReadMode, decode_image, read_file
 
-            mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
+            # the WebP decoder has no grey mode (it warns and returns colour): read RGB, made grey below
+            mode = ImageReadMode.GRAY if self.channels == 1 and fmt != "WEBP" else ImageReadMode.RGB
             img = decode_image(read_file(str(path)), mode=mode, apply_exif_orientation=True)
         if img.ndim == 4:  # an animation: its first frame
             img = img[0]

@@ -10,14 +10,18 @@ torchvision's CIFAR / MNIST / SVHN sets and folders of TinyImageNet, Textures an
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import warnings
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..registry import Registry
+from ..runtime import atomic_write_text, cache_dir, digest, sha256_hex
 from ..validate import integer, shape
 from .base import ArrayDataset, DataMissingError, ImageSet, concat, tensor_fingerprint
 from .locate import search_roots
@@ -118,13 +122,52 @@ class Suite:
 
 
 def _shared_items(a: ImageSet, b: ImageSet) -> int:
-    """How many items two data sets share: the same files (resolved paths), or all of them for equal content."""
+    """How many items of ``a`` are also in ``b`` by content: all of them for the same fingerprint; else equal pixels
+    (sets held in memory) or equal file contents (file sets). Files are compared only where their sizes are equal,
+    by a hash of their size and first and last 64 KiB; the count is cached by the two fingerprints."""
     if a.fingerprint == b.fingerprint:
         return len(a)
-    fa, fb = getattr(a.dataset, "files", None), getattr(b.dataset, "files", None)
+    da, db = a.dataset, b.dataset
+    if isinstance(da, ArrayDataset) and isinstance(db, ArrayDataset):
+        if da.images.shape[1:] != db.images.shape[1:]:
+            return 0
+        seen = {row.tobytes() for row in db.images.flatten(1).numpy()}
+        return sum(row.tobytes() in seen for row in da.images.flatten(1).numpy())
+    fa, fb = getattr(da, "files", None), getattr(db, "files", None)
     if fa is None or fb is None:
         return 0
-    return len({p.resolve() for p in fa} & {p.resolve() for p in fb})
+    record = cache_dir() / "overlaps" / f"{digest(a.fingerprint, b.fingerprint)}.json"
+    with suppress(OSError, ValueError):
+        return int(json.loads(record.read_text())["shared"])
+    sizes: dict[int, list[Path]] = {}
+    for p in fb:
+        with suppress(OSError):
+            sizes.setdefault(os.stat(p).st_size, []).append(p)
+    keys: dict[Path, str | None] = {}
+    shared = 0
+    for p in fa:
+        with suppress(OSError):
+            twins = sizes.get(os.stat(p).st_size)
+            mine = _sample_hash(p, keys) if twins else None
+            if mine is not None and mine in {_sample_hash(q, keys) for q in twins}:
+                shared += 1
+    with suppress(OSError):
+        atomic_write_text(record, json.dumps({"shared": shared}))
+    return shared
+
+
+def _sample_hash(path: Path, memo: dict[Path, str | None]) -> str | None:
+    """SHA-256 of a file's size and its first and last 64 KiB (the whole file when smaller); None if unreadable."""
+    if path not in memo:
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(1 << 16)
+                f.seek(max(len(head), size - (1 << 16)))
+                memo[path] = sha256_hex([f"{size}|", head, f.read()])
+        except OSError:
+            memo[path] = None
+    return memo[path]
 
 
 SUITES: Registry[Callable[..., Suite]] = Registry("suite")

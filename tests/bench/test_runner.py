@@ -12,7 +12,7 @@ from oodlab.bench import BenchContext, load_rows, load_scores, run_bench, run_de
 from oodlab.detectors import create
 from oodlab.features import FeatureCache
 from oodlab.bench.report import format_summary, markdown, summary_rows
-from oodlab.metrics import auroc, bootstrap_ci
+from oodlab.metrics import auroc, confidence_intervals
 from oodlab.models import build, save_checkpoint
 from oodlab.training import TrainConfig, train
 from oodlab.training.erm import CrossEntropy
@@ -43,7 +43,7 @@ def test_sweep_extracts_each_set_once(trained, tmp_path):
     assert set(s) == {"id", "noise", "stripes"} and len(s["id"]) == len(suite.id_test)
     row = next(r for r in rows if r["ood"] == "noise" and r["detector"] == rows[0]["detector"])
     assert row["auroc"] == pytest.approx(auroc(s["id"], s["noise"]))
-    ci = bootstrap_ci(s["id"], s["noise"])  # seeded: the row holds exactly these 95% bounds
+    ci = confidence_intervals(s["id"], s["noise"])  # seeded: the row holds exactly these 95% bounds
     assert {k: row[k] for k in ci} == ci
     for r in rows:
         assert r["auroc_lo"] <= r["auroc"] <= r["auroc_hi"] and r["fpr95_lo"] <= r["fpr95"] <= r["fpr95_hi"]
@@ -223,7 +223,7 @@ def test_a_warm_run_scores_and_resamples_nothing_again(trained, tmp_path, monkey
     dets = lambda: [create("knn", k=3), create("flow", blocks=2), create("energy")]  # noqa: E731
     first = run_detectors(BenchContext(suite, model, "m", tmp_path / "a", cache, device="cpu"), dets())
     monkeypatch.setattr(Detector, "score", lambda *a, **k: pytest.fail("scored again"))
-    monkeypatch.setattr(runner, "bootstrap_ci", lambda *a, **k: pytest.fail("resampled again"))
+    monkeypatch.setattr(runner, "confidence_intervals", lambda *a, **k: pytest.fail("resampled again"))
     again = run_detectors(BenchContext(suite, model, "m", tmp_path / "b", FeatureCache(cache.root), device="cpu"), dets())
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("fit_s", "score_s", "fit_cached")} for r in rows]  # noqa: E731
     assert strip(again) == strip(first)

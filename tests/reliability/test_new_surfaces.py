@@ -183,7 +183,7 @@ def test_image_lists_stay_under_their_root_and_say_what_is_wrong(tmp_path, caplo
         folder.load_list(huge, tmp_path, prep=prep)
     twice = _list_tree(tmp_path, b"imgs/0.png 0\nimgs/0.png 0\nimgs/1.png 1\n")
     data = folder.load_list(twice, tmp_path, prep=prep)
-    assert len(data) == 3 and "lists 1 images more than once" in caplog.text
+    assert len(data) == 3 and "list.txt repeats 1 entries (e.g." in caplog.text
 
 
 def test_folders_follow_symlinks_once_and_cache_keys_see_content(tmp_path):
@@ -226,3 +226,38 @@ def test_an_ood_set_that_is_the_id_test_set_is_named(tmp_path):
     s = make_tiny_suite()
     with pytest.warns(UserWarning, match="OOD set 'same' shares 48 of its 48 images with ID test"):
         dataclasses.replace(s, ood={**s.ood, "same": s.id_test}, groups={"near": ["stripes", "same"], "far": ["noise"]})
+
+
+def test_ood_images_that_are_copies_of_id_test_images_are_counted_by_content(tmp_path):
+    import dataclasses
+    import shutil
+
+    from PIL import Image
+
+    from helpers import make_tiny_suite
+    from oodlab.data.base import ArrayDataset, ImageSet, tensor_fingerprint
+    from oodlab.data.preprocessing import Preprocessing
+    from oodlab.data.sources import folder
+
+    s = make_tiny_suite()
+    mixed = torch.cat([s.id_test.dataset.images[[3, 7, 11, 20, 21]], s.ood["noise"].dataset.images[:10]])
+    copies = ImageSet("copies", ArrayDataset(mixed), tensor_fingerprint(mixed))  # another fingerprint, 5 copies
+    with pytest.warns(UserWarning, match="OOD set 'copies' shares 5 of its 15 images with ID test"):
+        dataclasses.replace(s, ood={**s.ood, "copies": copies}, groups={"near": ["stripes", "copies"],
+                                                                           "far": ["noise"]})
+    # files: 3 renamed copies and 2 files of the same size with other pixels
+    test, ood = tmp_path / "test" / "a", tmp_path / "ood"
+    test.mkdir(parents=True)
+    ood.mkdir()
+    for i in range(6):
+        Image.new("L", (16, 16), 30 * i).save(test / f"{i}.png")
+    for i in range(3):
+        shutil.copy(test / f"{i}.png", ood / f"copy-{i}.png")
+    for i in range(2):
+        Image.new("L", (16, 16), 30 * i + 1).save(ood / f"other-{i}.png")
+    assert {p.stat().st_size for p in ood.glob("other-*")} <= {p.stat().st_size for p in test.iterdir()}
+    prep = Preprocessing(16, 1)
+    id_test, ood_set = folder.load(tmp_path / "test", prep=prep, labelled=True), folder.load(ood, prep=prep)
+    with pytest.warns(UserWarning, match="OOD set 'ood' shares 3 of its 5 images with ID test"):
+        dataclasses.replace(s, id_test=id_test, ood={**s.ood, "ood": ood_set},
+                            groups={"near": ["stripes", "ood"], "far": ["noise"]})

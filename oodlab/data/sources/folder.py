@@ -171,7 +171,7 @@ def load_list(list_file: str | Path, root: str | Path | Sequence[str | Path], na
         import collections
 
         twice = next(f for f, c in collections.Counter(files).items() if c > 1)
-        log.warning("%s lists %d images more than once (e.g. %s): each counts as often as it is listed", list_file,
+        log.warning("%s repeats %d entries (e.g. %s): each image counts as often as it is listed", list_file,
                     len(files) - len(set(files)), twice)
     missing = [i for i, f in enumerate(files) if not f.is_file()]
     if missing:
