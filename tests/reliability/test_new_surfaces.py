@@ -261,3 +261,33 @@ def test_ood_images_that_are_copies_of_id_test_images_are_counted_by_content(tmp
     with pytest.warns(UserWarning, match="OOD set 'ood' shares 3 of its 5 images with ID test"):
         dataclasses.replace(s, id_test=id_test, ood={**s.ood, "ood": ood_set},
                             groups={"near": ["stripes", "ood"], "far": ["noise"]})
+
+
+def test_refused_commands_create_and_remove_no_file(tmp_path, capsys, monkeypatch):
+    """The file system under ``tmp_path`` (the cache aside) is the same before and after each refused command."""
+    suite = _suite_file(tmp_path / "data", "../../escaped")
+    monkeypatch.setenv("OODLAB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.txt").write_text("my notes")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "out.txt").write_text("data/ood/0.png 0\n/etc/passwd 0\n")
+    outside = tmp_path / "outside.toml"
+    outside.write_text(f'root = {str(tmp_path)!r}\n[id]\ntrain = "data/train"\ntest = "data/test"\n[ood.far]\n'
+                       'mine = "lists/out.txt"\n')
+
+    def listing() -> dict[str, bytes]:
+        return {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts}
+
+    before = listing()
+    for argv in (["bench", "--detectors", "energy", "--out", str(tmp_path / "afile")],
+                 ["bench", "--detectors", "energy", "--out", str(tmp_path / "user")],
+                 ["bench", "--suite", str(suite), "--detectors", "energy", "--out", str(tmp_path / "o1")],
+                 ["bench", "--suite", str(outside), "--detectors", "energy", "--out", str(tmp_path / "o2")],
+                 ["guard", "build", "energy", "--out", str(tmp_path / "user")],
+                 ["guard", "build", "energy", "--out", str(tmp_path / "afile")],
+                 ["guard", "check", str(tmp_path / "user"), str(tmp_path / "data"), "--out", str(tmp_path / "user")]):
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err.count("\n") == 1, argv
+        assert listing() == before, argv
+    assert not (tmp_path.parent / "escaped").exists()
