@@ -45,7 +45,8 @@ def main() -> None:
             tree = tmp / "clone"
             subprocess.run(["git", "clone", "-q", str(ROOT), str(tree)], check=True)
             setup = _timed(["bash", "setup.sh"], tree, env)
-            rows.append(f"| `bash setup.sh` (fresh clone: new virtual environment, package and test extras) | {setup:.1f} |")
+            rows.append(f"| `bash setup.sh` (fresh clone: new virtual environment and the package; no test extras) | "
+                        f"{setup:.1f} |")
             oodlab = [str(tree / ".venv" / "bin" / "oodlab")]
         out = tmp / "runs"
         cold = _timed([*oodlab, "bench", "--suite", args.suite, "--out", str(out / "cold")], tree, env)

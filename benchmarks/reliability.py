@@ -421,7 +421,7 @@ def kill_cases(lab: Lab) -> list[Case]:
                "the half-extracted data set, recomputed"),
               ("the flow's fit (step 4 of 6)", "import torch; on_call(torch.Tensor, 'backward', 4)",
                "the flow's partial fit (it has no resumable state), refitted from the start"),
-              ("report writing (figure 3 of 4)", "import oodlab.bench.html as html; on_call(html, 'save_png', 3)",
+              ("report writing (detector 3 of 3)", "import oodlab.bench.html as html; on_call(html, '_curves', 3)",
                "none: only the report is redrawn")]
     for i, (where, patch, lost) in enumerate(points):
         o, cache = d / f"out{i}", d / f"cache{i}"

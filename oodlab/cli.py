@@ -168,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="regenerate reports from saved runs (no model needed)")
     r.add_argument("runs", nargs="+", help="results folders of `oodlab bench`")
-    r.add_argument("--out", help="folder for a report of all the runs side by side (report.html + figures/)")
+    r.add_argument("--out", help="folder for a report of all the runs side by side (report.html)")
+    r.add_argument("--png", action="store_true", help="also draw the figures as PNG files for papers (figures/)")
 
     sub.add_parser("list", help="list suites, detectors, training methods and architectures")
     return ap
@@ -250,9 +251,9 @@ def _report(a: argparse.Namespace) -> None:
     for path in a.runs:
         run = load_run(path)
         write_tables(run.path, run.rows, run.settings)
-        print(f"regenerated {run.path}/results.md and {write_report([run.path])}")
+        print(f"regenerated {run.path}/results.md and {write_report([run.path], png=a.png)}")
     if a.out:
-        print(f"side-by-side report: {write_report(a.runs, a.out)}")
+        print(f"side-by-side report: {write_report(a.runs, a.out, png=a.png)}")
 
 
 def _list(_: argparse.Namespace) -> None:

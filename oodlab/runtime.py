@@ -10,13 +10,14 @@ import ctypes
 import errno
 import ctypes.util
 import hashlib
+import json
 import os
 import random
 import re
 import shutil
 import socket
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 __all__ = ["default_device", "seed_everything", "cache_dir", "progress", "write_csv", "sha256_hex", "digest",
-           "file_sha256", "tensors_sha256", "IntegrityError", "save_checked", "load_checked", "save_safetensors",
+           "file_sha256", "tensors_sha256", "cached_json", "IntegrityError", "save_checked", "load_checked", "save_safetensors",
            "atomic_path", "atomic_write_text", "append_whole", "writing", "DiskFullError", "disk_full", "free_bytes",
            "check_writable", "available_memory", "release_free_heap"]
 
@@ -273,6 +274,23 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
             yield f"{name}|{t.dtype}|{tuple(t.shape)}|"
             yield t.reshape(-1).view(torch.uint8).numpy().tobytes()
     return sha256_hex(chunks())
+
+
+def cached_json(kind: str, key: Iterable[bytes | str], compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``compute()`` (a dict of numbers), kept as JSON in ``cache_dir()/kind/`` under the SHA-256 of ``key``:
+    what depends only on content (intervals and metrics of exact scores) is computed once. An entry that cannot
+    be read is computed again."""
+    path = cache_dir() / kind / f"{sha256_hex(key)[:24]}.json"
+    try:
+        found = json.loads(path.read_text())
+        if isinstance(found, dict) and found and all(isinstance(v, (int, float)) for v in found.values()):
+            return {k: float(v) for k, v in found.items()}
+    except (OSError, ValueError):  # none yet, or unreadable
+        pass
+    value = compute()
+    with suppress(OSError):  # a cache that cannot be written costs time, not the result
+        atomic_write_text(path, json.dumps(value))
+    return value
 
 
 class IntegrityError(ValueError):

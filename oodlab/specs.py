@@ -17,7 +17,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from .data.custom import load_suite_file, suite_from_flags
 from .data.preprocessing import Preprocessing

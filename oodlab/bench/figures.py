@@ -1,4 +1,5 @@
-"""Figures of a benchmark run, drawn from its saved per-sample scores (matplotlib, no display needed).
+"""PNG figures of a benchmark run for papers (``oodlab report --png``), drawn from its saved per-sample scores
+(matplotlib, imported only when a figure is drawn; no display needed). The HTML report draws its own.
 
 Per detector, one PNG with two panels: the ROC curves of ID against every OOD set, and the score
 histograms of ID and each OOD set overlaid, with the threshold that accepts 95% of ID marked.
@@ -16,16 +17,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import matplotlib
-import matplotlib.style
+from typing import TYPE_CHECKING
+
 import numpy as np
-from matplotlib.figure import Figure
-from sklearn.metrics import roc_curve
 
 from ..metrics import auroc, fpr_at_tpr
 from ..runtime import atomic_path
 
-__all__ = ["DPI", "DETECTOR_SIZE", "heatmap_size", "ood_color", "threshold_at_tpr", "detector_figure", "auroc_heatmap", "save_png"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["DPI", "DETECTOR_SIZE", "ID_COLOR", "heatmap_size", "ood_color", "threshold_at_tpr", "hist_edges",
+           "detector_figure", "auroc_heatmap", "save_png"]
 
 DPI = 100
 DETECTOR_SIZE = (12.0, 4.8)  # inches: ROC panel + histogram panel
@@ -40,6 +43,9 @@ _TAIL = 0.5  # percent of each set's scores beyond which the histogram range is 
 @contextmanager
 def _style() -> Iterator[None]:
     """matplotlib's defaults plus oodlab's font sizes, whatever the user's rcParams say."""
+    import matplotlib
+    import matplotlib.style
+
     with matplotlib.style.context("default"), matplotlib.rc_context(_RC):
         yield
 
@@ -63,7 +69,7 @@ def threshold_at_tpr(score_id: np.ndarray, tpr: float = 0.95) -> float:
     return float(s[k - 1])
 
 
-def _hist_edges(sets: Sequence[np.ndarray]) -> np.ndarray:
+def hist_edges(sets: Sequence[np.ndarray]) -> np.ndarray:
     lo = min(float(np.percentile(s, _TAIL)) for s in sets)
     hi = max(float(np.percentile(s, 100 - _TAIL)) for s in sets)
     if hi <= lo:
@@ -78,6 +84,9 @@ def detector_figure(scores: dict[str, np.ndarray], title: str, id_name: str = "I
     ``scores`` maps ``"id"`` and each OOD set's name to per-sample scores (higher = more ID).
     ``colors`` fixes each OOD set's colour (default: by order).
     """
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+
     if "id" not in scores or len(scores) < 2:
         raise ValueError(f"scores need an 'id' array and at least one OOD set, got keys {sorted(scores)}")
     sid = np.asarray(scores["id"], dtype=np.float64)
@@ -100,7 +109,7 @@ def detector_figure(scores: dict[str, np.ndarray], title: str, id_name: str = "I
                    xlabel="false positive rate (OOD accepted)", ylabel="true positive rate (ID accepted)")
         roc_ax.legend(loc="lower right")
 
-        edges = _hist_edges([sid, *oods.values()])
+        edges = hist_edges([sid, *oods.values()])
         clip = lambda s: np.clip(s, edges[0], edges[-1])  # noqa: E731
         hist_ax.hist(clip(sid), bins=edges, density=True, histtype="stepfilled", color=ID_COLOR, alpha=0.3,
                      label=f"ID: {id_name}")
@@ -124,6 +133,8 @@ def auroc_heatmap(row_labels: list[str], col_labels: list[str], values: np.ndarr
 
     The last column is taken to be the mean and is set apart by a line.
     """
+    from matplotlib.figure import Figure
+
     values = np.asarray(values, dtype=np.float64)
     if values.shape != (len(row_labels), len(col_labels)) or values.size == 0:
         raise ValueError(f"values must be ({len(row_labels)}, {len(col_labels)}) AUROCs in %, got {values.shape}")

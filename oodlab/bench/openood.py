@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime import write_csv
+from ..runtime import cached_json, write_csv
 from ..validate import score_array
 
 __all__ = ["OPENOOD_NAMES", "GRIDS", "openood_metrics", "write_openood_csv", "leaderboard", "leaderboard_lines",
@@ -91,6 +91,13 @@ def openood_metrics(score_id: Any, score_ood: Any) -> dict[str, float]:
             "aupr_in": float(auc(r_in, p_in)), "aupr_out": float(auc(r_out, p_out))}
 
 
+def _cached_metrics(score_id: np.ndarray, score_ood: np.ndarray) -> dict[str, float]:
+    """:func:`openood_metrics`, cached by the scores' content (a warm run does not recompute it)."""
+    key = ["openood-metrics-v1|", np.asarray(score_id, np.float64).tobytes(), b"|",
+           np.asarray(score_ood, np.float64).tobytes()]
+    return cached_json("openood-metrics", key, lambda: openood_metrics(score_id, score_ood))
+
+
 def write_openood_csv(path: str | Path, scores: dict[str, dict[str, np.ndarray]], groups: dict[str, list[str]],
                       accuracy: float) -> Path:
     """``openood.csv``: for each detector (``scores[detector] = {"id": ..., "<ood set>": ...}``) OpenOOD's
@@ -101,7 +108,7 @@ def write_openood_csv(path: str | Path, scores: dict[str, dict[str, np.ndarray]]
             names = groups.get(group, [])
             if not names:
                 continue
-            per = [openood_metrics(s["id"], s[n]) for n in names]
+            per = [_cached_metrics(s["id"], s[n]) for n in names]
             for name, m in zip(names, per):
                 rows.append(_openood_row(det, name, m, accuracy))
             mean = {k: float(np.mean([m[k] for m in per])) for k in per[0]}

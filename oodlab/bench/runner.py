@@ -40,8 +40,8 @@ from .. import distributed
 from ..features import FeatureCache, FeatureSource
 from ..metrics import confidence_intervals, evaluate
 from ..models.adapter import Classifier
-from ..runtime import (IntegrityError, append_whole, atomic_path, atomic_write_text, digest, load_checked, progress,
-                       save_checked, sha256_hex)
+from ..runtime import (IntegrityError, append_whole, atomic_path, cached_json, digest, load_checked, progress,
+                       save_checked)
 
 __all__ = ["BenchContext", "detector_key", "run_detectors", "load_rows", "load_scores"]
 
@@ -159,21 +159,11 @@ def _score(det: Detector, ctx: BenchContext, feats: FeatureSource | None, data) 
     return scores
 
 
-def _intervals(ctx: BenchContext, score_id: np.ndarray, score_ood: np.ndarray) -> dict[str, float]:
-    """:func:`~oodlab.metrics.confidence_intervals` of two score arrays, cached by their content (seeded, so the
-    same scores always give the same intervals)."""
-    key = sha256_hex(["intervals-v2|", score_id.astype(np.float64).tobytes(), b"|",
-                      score_ood.astype(np.float64).tobytes()])[:24]
-    path = Path(ctx.cache.root).parent / "intervals" / f"{key}.json"
-    try:
-        found = json.loads(path.read_text())
-        if set(found) == {"auroc_lo", "auroc_hi", "fpr95_lo", "fpr95_hi"}:
-            return {k: float(v) for k, v in found.items()}
-    except (OSError, ValueError, TypeError):  # none yet, or unreadable: computed again
-        pass
-    ci = confidence_intervals(score_id, score_ood)  # 95%: DeLong (AUROC), 1000 bootstrap draws seed 0 (FPR95)
-    atomic_write_text(path, json.dumps(ci))
-    return ci
+def _intervals(score_id: np.ndarray, score_ood: np.ndarray) -> dict[str, float]:
+    """:func:`~oodlab.metrics.confidence_intervals` of two score arrays (95%: DeLong for AUROC, 1,000 bootstrap
+    draws of seed 0 for FPR95), cached by their content: the same scores always give the same intervals."""
+    key = ["intervals-v2|", score_id.astype(np.float64).tobytes(), b"|", score_ood.astype(np.float64).tobytes()]
+    return cached_json("intervals", key, lambda: confidence_intervals(score_id, score_ood))
 
 
 def run_detectors(ctx: BenchContext, detectors: list[Detector],
@@ -248,7 +238,7 @@ def _run_one(ctx: BenchContext, det: Detector, train: FeatureSource | None, test
             **({"search": note} if note is not None else {})}
     rows = [{**base, "ood": name, "group": ctx.suite.group_of(name), "kind": ctx.suite.kind_of(name),
              **evaluate(scores["id"], scores[name]),
-             **_intervals(ctx, scores["id"], scores[name])}
+             **_intervals(scores["id"], scores[name])}
             for name in oods]
     append_whole(ctx.out_dir / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
 

@@ -18,7 +18,6 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from ..registry import Registry
 from ..runtime import atomic_write_text, cache_dir, digest, sha256_hex

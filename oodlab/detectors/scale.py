@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..features import Features
 from .ash import kept_count, sum_ratio
 from .base import Detector, energy, register
 from ..validate import number

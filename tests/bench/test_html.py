@@ -1,7 +1,7 @@
-import base64
-import io
 import json
+import re
 import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -54,35 +54,44 @@ def _page(path: Path) -> ET.Element:
     return ET.fromstring(path.read_text(encoding="utf-8"))  # strict XML: unbalanced tags fail here
 
 
+def _data(page: ET.Element) -> dict:
+    return json.loads(page.find(".//script[@id='oodlab-data']").text)
+
+
 def _results_table(page: ET.Element) -> list[list[ET.Element]]:
     table = page.findall(".//table")[1]
     return [list(tr) for tr in table.findall("tr")[2:]]
 
 
-def test_bench_writes_report_with_a_row_and_figure_per_detector(runs):
+def test_bench_writes_report_with_a_row_and_a_panel_per_detector(runs):
     run = runs[0]
     page = _page(run / "report.html")
     body = _results_table(page)
     assert [cells[0].text for cells in body] == DETECTORS
-    assert len(page.findall(".//figure[@class='detector']")) == len(DETECTORS)
-    assert len(page.findall(".//figure[@class='heatmap']")) == 1
+    assert len(page.findall(".//section[@class='detector']")) == len(DETECTORS)
+    assert page.find(".//table[@id='heatmap']") is not None and not (run / "figures").exists()  # no PNGs by default
     rows = load_run(run).rows
     energy_bright = next(r for r in rows if r["detector"] == "energy" and r["ood"] == "bright")
     assert body[2][1].text == f"{100 * energy_bright['auroc']:.2f}"
     assert body[2][2].text == f"{100 * energy_bright['fpr95']:.2f}"
+    data = _data(page)
+    energy = next(e for e in data["entries"] if e["name"] == "energy")
+    assert energy["sets"]["bright"]["auroc"] == round(energy_bright["auroc"], 6)
+    # the embedded ROC curve is the exact one, thinned: its first and last points, monotone, area = AUROC
+    scores = load_scores(run, energy["key"])
+    fpr, tpr = map(np.array, energy["sets"]["bright"]["roc"])
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1) and (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
+    assert np.trapezoid(tpr, fpr) == pytest.approx(energy_bright["auroc"], abs=0.01)
+    assert sum(energy["id_hist"]) == len(scores["id"]) and sum(energy["sets"]["dark"]["hist"]) == len(scores["dark"])
 
 
 def test_report_is_self_contained(runs):
     text = (runs[0] / "report.html").read_text(encoding="utf-8")
     page = ET.fromstring(text)
-    assert page.findall(".//script") == [] and page.findall(".//link") == []
-    links = [el.get(attr) for el in page.iter() for attr in ("src", "href") if el.get(attr) is not None]
-    assert len(links) == 1 + len(DETECTORS)
-    for src in links:
-        assert src.startswith("data:image/png;base64,") and "http" not in src.lower()
-        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
-            assert im.format == "PNG"
-    assert "http" not in text and "url(" not in text and "@import" not in text
+    assert [s.get("src") for s in page.findall(".//script")] == [None, None] and page.findall(".//link") == []
+    assert [el for el in page.iter() for attr in ("src", "href") if el.get(attr) is not None] == []
+    assert text.replace('"http://www.w3.org/2000/svg"', "").count("http") == 0  # the SVG namespace is a name
+    assert "url(" not in text and "@import" not in text and "fetch(" not in text and "XMLHttpRequest" not in text
 
 
 def test_best_value_per_column_is_highlighted(runs):
@@ -95,8 +104,10 @@ def test_best_value_per_column_is_highlighted(runs):
         assert [b[j] for b in best] == list(values[:, j] == target)
 
 
-def test_pngs_open_with_expected_size(runs):
-    run = runs[0]
+def test_report_png_draws_the_figures_for_papers(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    assert main(["report", str(run), "--png"]) == 0
     pngs = sorted((run / "figures").glob("*.png"))
     assert len(pngs) == len(DETECTORS) + 1
     for png in pngs:
@@ -115,8 +126,8 @@ def test_saved_scores_reproduce_the_table(runs):
 def test_report_command_regenerates_byte_identical_files(runs, capsys):
     run = runs[0]
     before = _snapshot(run)
-    assert {"results.md", "results.csv", "results.json", "report.html", "figures/auroc-heatmap.png"} <= set(before)
-    for path in ("report.html", "figures/auroc-heatmap.png", "results.md"):
+    assert {"results.md", "results.csv", "results.json", "report.html"} <= set(before)
+    for path in ("report.html", "results.md"):
         (run / path).unlink()
     assert main(["report", str(run)]) == 0
     assert _snapshot(run) == before
@@ -125,13 +136,14 @@ def test_report_command_regenerates_byte_identical_files(runs, capsys):
 
 def test_side_by_side_report(runs, tmp_path):
     out = tmp_path / "erm-vs-greg"
-    assert main(["report", *map(str, runs), "--out", str(out)]) == 0
+    assert main(["report", *map(str, runs), "--out", str(out), "--png"]) == 0
     page = _page(out / "report.html")
     body = _results_table(page)
     assert [(c[0].text, c[1].text) for c in body] == [(d, r) for d in DETECTORS for r in ("erm", "greg")]
     greg_msp = next(r for r in load_run(runs[1]).rows if r["detector"] == "msp" and r["ood"] == "dark")
     assert body[1][4].text == f"{100 * greg_msp['auroc']:.2f}"
-    assert len(page.findall(".//figure[@class='detector']")) == 2 * len(DETECTORS)
+    assert len(page.findall(".//section[@class='detector']")) == 2 * len(DETECTORS)
+    assert [e["name"] for e in _data(page)["entries"]] == [f"{d} · {r}" for d in DETECTORS for r in ("erm", "greg")]
     settings = page.findall(".//table")[0]
     assert [th.text for th in settings.find("tr")] == ["setting", "erm", "greg"]
     assert sorted(p.name for p in (out / "figures" / "run2").glob("*.png")) == sorted(
@@ -139,8 +151,46 @@ def test_side_by_side_report(runs, tmp_path):
     with Image.open(out / "figures" / "auroc-heatmap.png") as im:
         assert im.size == (682, 430)  # 6 rows x 3 columns, widened for "maxlogit · greg"
     first = _snapshot(out)
-    write_report(list(runs), out)
+    write_report(list(runs), out, png=True)
     assert _snapshot(out) == first
+
+
+def _chromium() -> str:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    assert browser, "the report's browser test needs Chromium: `bash setup.sh test` installs it as root " \
+                    "(apt-get install chromium)"
+    return browser
+
+
+def _drawn(path: Path, fragment: str = "") -> str:
+    """The page's DOM after its script ran, in headless Chromium, offline (file URL, no network)."""
+    out = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          "--user-data-dir=" + str(path.parent / ".chromium"), "--dump-dom",
+                          path.resolve().as_uri() + fragment], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_report_draws_every_detectors_curves_in_a_real_browser(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    dom = _drawn(run / "report.html")
+    curves = re.findall(r'<path[^>]*class="roc"[^>]*>', dom)
+    drawn = {(re.search(r'data-detector="([^"]+)"', c)[1], re.search(r'data-set="([^"]+)"', c)[1]) for c in curves}
+    # the per-detector panels (every detector x every OOD set) and the comparison on the first OOD set
+    assert drawn == {(d, o) for d in DETECTORS for o in ("bright", "dark")}
+    assert len(curves) == 2 * len(DETECTORS) + len(DETECTORS)
+    for c in curves:  # a real curve, not an empty path
+        assert re.search(r' d="M[\d.]+ [\d.]+(L[\d.]+ [\d.]+){5,}', c), c
+    assert len(re.findall(r'class="hist"', dom)) == len(DETECTORS) * 3  # ID + 2 OOD sets each
+    heat = re.search(r'<table id="heatmap">(.*?)</table>', dom, re.S)[1]
+    assert len(re.findall(r"<td[^>]*background", heat)) == len(DETECTORS) * 3  # 2 sets + the mean, coloured
+    # a reader's pick (here through the address): only those detectors and sets are drawn
+    dom = _drawn(run / "report.html", "#detectors=energy,msp&sets=dark&compare=dark")
+    drawn = {(re.search(r'data-detector="([^"]+)"', c)[1], re.search(r'data-set="([^"]+)"', c)[1])
+             for c in re.findall(r'<path[^>]*class="roc"[^>]*>', dom)}
+    assert drawn == {("energy", "dark"), ("msp", "dark")}
+    assert 'data-drawn="yes"' in re.search(r"<body[^>]*>", dom)[0]
 
 
 def test_report_refuses_what_it_cannot_compare(runs, tmp_path):

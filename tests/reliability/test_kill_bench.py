@@ -7,7 +7,7 @@ seed) the wrapper writes a marker file and waits; the test polls for the marker 
 - ``extract``: before the N-th batch of feature extraction (the training set cached, the others not);
 - ``fit``: before the N-th backward pass (step) of the flow's fit (energy and knn finished; the flow has no resumable
   state of its own, so the same command refits it from the start, with the same seed);
-- ``report``: before the N-th figure of report.html (every row and results.json written, the report not).
+- ``report``: before the N-th detector's curves of report.html (every row and results.json written, the report not).
 """
 
 import json
@@ -55,11 +55,11 @@ sys.exit(main({args!r}))
 """
 # what to wrap, and the range N is drawn from: the tiny suite in batches of 16 is 6 (ID train) + 3 + 3 + 2
 # batches, so N in 7..14 kills after the training set is cached; the flow takes 6 steps over 96 training
-# features; the report draws 3 detector figures and a heatmap
+# features; the report reduces the scores of 3 detectors to the curves it embeds
 POINTS = {
     "extract": ("from oodlab.models.adapter import Classifier; on_call(Classifier, 'features', {n})", 7, 14),
     "fit": ("import torch; on_call(torch.Tensor, 'backward', {n})", 2, 6),
-    "report": ("import oodlab.bench.html as html; on_call(html, 'save_png', {n})", 1, 4),
+    "report": ("import oodlab.bench.html as html; on_call(html, '_curves', {n})", 1, 3),
 }
 
 
