@@ -126,6 +126,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--fsood", action="store_true", help="also OpenOOD's full-spectrum setting (covariate-shifted ID "
                    "sets count as ID), written apart into OUT/fsood/")
 
+    e = sub.add_parser("extract", help="fill the feature cache for a model and suite (every data set once), nothing "
+                       "else: extract on one machine, fit and score on another")
+    _common(e)
+    _model_args(e)
+    e.add_argument("--fit-subset", type=int, help="a seeded random subset of this many ID training images")
+    e.add_argument("--retrain", action="store_true", help="the default model trained with the default recipe")
+    e.add_argument("--batch-size", type=int, default=512)
+    e.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32")
+
     f = sub.add_parser("fit", help="fit one detector on a suite's ID training features and save it")
     _common(f)
     f.add_argument("detector")
@@ -190,10 +199,11 @@ def _train(a: argparse.Namespace) -> None:
                    track_ood=a.track_ood)
 
 
-def _writable(path: str | Path, file: bool = False) -> None:
+def _writable(path: str | Path | None, file: bool = False) -> None:
     from .runtime import check_writable
 
-    check_writable(path, file=file)  # before any work
+    if path is not None:  # before any work (None: the command's default folder, checked where it is made)
+        check_writable(path, file=file)
 
 
 def _bench(a: argparse.Namespace) -> None:
@@ -202,6 +212,20 @@ def _bench(a: argparse.Namespace) -> None:
     run_bench(_spec(a), detectors=a.detectors, out_dir=a.out, params=_detector_params(a.param),
               batch_size=a.batch_size, command=shlex.join(["oodlab", *a.argv]), cache_dtype=a.cache_dtype,
               search=a.search, fsood=a.fsood, overwrite=a.overwrite)
+
+
+def _extract(a: argparse.Namespace) -> None:
+    from . import distributed
+    from .bench.api import extract_suite
+    from .runtime import cache_dir
+
+    records = extract_suite(_spec(a), batch_size=a.batch_size, cache_dtype=a.cache_dtype)
+    if distributed.is_main():
+        for r in records:
+            rate = f"{r['images'] / r['seconds']:9.0f} images/s" if r["extracted"] and r["seconds"] > 0 else "   (cached)"
+            print(f"{r['set']:28s} {r['images']:8d} images {r['seconds']:8.2f} s {rate}")
+        total = sum(r["seconds"] for r in records)
+        print(f"{sum(r['images'] for r in records)} images in {total:.1f} s -> {cache_dir() / 'features'}")
 
 
 def _fit(a: argparse.Namespace) -> None:
@@ -277,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     args.argv = argv
-    handlers = {"train": _train, "bench": _bench, "fit": _fit, "score": _score, "guard": _guard, "report": _report,
+    handlers = {"train": _train, "bench": _bench, "extract": _extract, "fit": _fit, "score": _score, "guard": _guard, "report": _report,
                 "list": _list}
     from . import distributed
 
@@ -288,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = warnings.showwarning  # a warning is one line too, without the source line that raised it
     warnings.showwarning = lambda message, *_, **__: print(f"oodlab {args.cmd}: warning: {message}", file=sys.stderr)
     try:
-        if args.cmd in ("train", "bench"):
+        if args.cmd in ("train", "bench", "extract"):
             joined = distributed.init()  # under torchrun: join the process group (gloo on CPU, NCCL on CUDA)
         handlers[args.cmd](args)
         done = True
