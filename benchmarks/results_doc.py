@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ROOT / "docs" / "results"
-ORDER = ["bench", "guard", "input_pipeline", "train_loop", "detectors", "crosscheck", "crosscheck_openood", "crosscheck_openood_resnet18", "search", "sweep", "intervals",
+ORDER = ["bench", "guard", "input_pipeline", "train_loop", "detectors", "crosscheck", "crosscheck_openood", "crosscheck_openood_resnet18", "search", "sweep", "intervals", "extraction",
          "flow", "train_outliers", "unleashing_mask", "claims", "reliability", "scale"]
 
 

@@ -66,7 +66,7 @@ def main() -> None:
     nat = lambda x: f"{100 * x['by_kind']['natural']['auroc']:.2f} / {100 * x['by_kind']['natural']['fpr95']:.2f}"  # noqa: E731
     for s in summary_rows(searched):
         note, grid = notes[s["detector"]], GRIDS.get(s["detector"], ("none", {}))
-        keys = ("p_min", "p_max") if s["detector"] == "adascale-a" else tuple(grid[1])
+        keys = ("p_min", "p_max") if s["detector"].startswith("adascale-") else tuple(grid[1])
         chosen = {k: s["params"][k] for k in keys} if "val_auroc" in note else note.get("note", "defaults")
         val = f"{100 * note['val_auroc']:.2f}" if "val_auroc" in note else "–"
         lines.append(f"| {s['detector']} | {grid[0].split(' ')[0]} | {len(note.get('points', []))} | {chosen} | {val} | "

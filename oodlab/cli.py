@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--param", action="append", metavar="DET.KEY=VALUE", help="detector parameter, e.g. ash-b.percentile=65")
     b.add_argument("--out", help="results folder (default: runs/<suite>-<date>); re-using one resumes")
     b.add_argument("--overwrite", action="store_true", help="write into an --out folder that holds other files")
-    b.add_argument("--batch-size", type=int, default=512)
+    b.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     b.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32",
                    help="storage of the cached features (float16: half the disk and read volume)")
     b.add_argument("--search", action="store_true", help="choose each detector's parameters first, as OpenOOD's "
@@ -132,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(e)
     e.add_argument("--fit-subset", type=int, help="a seeded random subset of this many ID training images")
     e.add_argument("--retrain", action="store_true", help="the default model trained with the default recipe")
-    e.add_argument("--batch-size", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     e.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32")
 
     f = sub.add_parser("fit", help="fit one detector on a suite's ID training features and save it")

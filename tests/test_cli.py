@@ -24,7 +24,7 @@ def test_list(capsys):
     for name in ("ash-p", "ash-b", "ash-s"):  # where feature-map ASH shapes, since the official ablation differs
         line = next(row for row in out.splitlines() if row.strip().startswith(name + " "))
         assert "after its final ReLU (pytorch-ood's placement" in line and "official block-level ablation" in line
-    for name in ("klm", "temp-scaling", "adascale-a"):
+    for name in ("klm", "temp-scaling", "adascale-a", "adascale-l"):
         line = next(row for row in out.splitlines() if row.strip().startswith(name + " "))
         assert "fits on held-out ID data" in line
 

@@ -16,6 +16,7 @@ from torch import nn
 from .. import distributed
 from ..detectors.base import Detector, available, create
 from ..features import FeatureCache
+from ..features.extraction import EXTRACT_BATCH
 from ..data.suites import Suite
 from ..models.loaders import LoadedModel
 from ..specs import RunSpec, resolve
@@ -74,7 +75,7 @@ def _versions() -> dict[str, str]:
 
 
 def run_bench(spec: RunSpec, *, detectors: str | list[str] | None = None, out_dir: str | Path | None = None,
-              params: dict[str, dict[str, Any]] | None = None, batch_size: int = 512, command: str | None = None,
+              params: dict[str, dict[str, Any]] | None = None, batch_size: int = EXTRACT_BATCH, command: str | None = None,
               verbose: bool = True, cache_dtype: str = "float32", search: bool = False,
               fsood: bool = False, overwrite: bool = False) -> list[dict[str, Any]]:
     """Evaluate ``detectors`` (default: every registered one) on the model and suite ``spec`` names (see
@@ -117,7 +118,7 @@ def run_bench(spec: RunSpec, *, detectors: str | list[str] | None = None, out_di
     return rows
 
 
-def extract_suite(spec: RunSpec, *, batch_size: int = 512, cache_dtype: str = "float32") -> list[dict[str, Any]]:
+def extract_suite(spec: RunSpec, *, batch_size: int = EXTRACT_BATCH, cache_dtype: str = "float32") -> list[dict[str, Any]]:
     """Fill the feature cache with every data set a sweep of ``spec``'s suite reads, each once, and nothing else:
     ID train, ID test, the held-out ID set (:meth:`Suite.held_out`), every OOD set, and where the suite has them
     its validation OOD and covariate-shifted ID sets. Returns one record per set: ``set``, ``images``,

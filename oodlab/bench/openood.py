@@ -35,7 +35,7 @@ OPENOOD_NAMES = {
     "msp": "MSP", "maxlogit": "MLS", "energy": "EBO", "odin": "ODIN", "mahalanobis": "MDS", "rmds": "RMDS",
     "react": "ReAct", "ash-b": "ASH", "dice": "DICE", "knn": "KNN", "vim": "VIM", "gradnorm": "GradNorm",
     "gen": "GEN", "klm": "KLM", "temp-scaling": "TempScale", "she": "SHE", "scale": "SCALE", "nnguide": "NNGuide",
-    "fdbd": "fDBD", "nci": "NCI", "adascale-a": "AdaSCALE-A",
+    "fdbd": "fDBD", "nci": "NCI", "adascale-a": "AdaSCALE-A", "adascale-l": "AdaSCALE-L",
 }
 
 #: The network OpenOOD's leaderboard rows of each benchmark use (its released checkpoints; torchvision's for 1K).
@@ -59,6 +59,8 @@ GRIDS: dict[str, tuple[str, dict[str, list[Any]]]] = {
     "nci": ("nci.yml", {"alpha": [1e-4, 1e-3, 1e-2, 0.1]}),
     "vra": ("vra.yml", {"high": [85, 90, 95, 99], "low": [1, 5, 10, 15]}),
     "adascale-a": ("adascale_a.yml (its percentile pairs; k1, k2, lambda, o kept at oodlab's)",
+                   {"percentiles": _PAIRS}),
+    "adascale-l": ("adascale_l.yml (its percentile pairs; k1, k2, lambda, o kept at oodlab's)",
                    {"percentiles": _PAIRS}),
 }
 

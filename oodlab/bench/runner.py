@@ -38,6 +38,7 @@ from ..data.suites import Suite
 from ..detectors.base import Detector, fit_data
 from .. import distributed
 from ..features import FeatureCache, FeatureSource
+from ..features.extraction import EXTRACT_BATCH
 from ..metrics import confidence_intervals, evaluate
 from ..models.adapter import Classifier
 from ..runtime import (IntegrityError, append_whole, atomic_path, cached_json, digest, load_checked, progress,
@@ -57,7 +58,7 @@ class BenchContext:
     model_id: str
     out_dir: Path
     cache: FeatureCache
-    batch_size: int = 512
+    batch_size: int = EXTRACT_BATCH
     device: torch.device | str | None = None
 
     def features(self, train: bool = True, ood: bool = True) -> tuple[FeatureSource | None, FeatureSource,

@@ -1,5 +1,6 @@
-"""AdaSCALE-A: SCALE with a per-sample percentile set by how much the features move under a small input
-perturbation (Regmi, 2025, arXiv 2503.08023; sudarshanregmi/AdaSCALE, OpenOOD ``adascale_a``)."""
+"""AdaSCALE-A and AdaSCALE-L: SCALE with a per-sample percentile set by how much the features move under a small
+input perturbation (Regmi, 2025, arXiv 2503.08023; sudarshanregmi/AdaSCALE, OpenOOD ``adascale_a`` /
+``adascale_l`` at commit 3c35632: ``openood/networks/adascale_net.py``, ``configs/postprocessors/adascale_*.yml``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from .ash import sum_ratio
 from ..validate import integer, number
 from .base import Detector, energy, register
 
-__all__ = ["AdaSCALE"]
+__all__ = ["AdaSCALE", "AdaSCALEL"]
 
 
 @register
@@ -98,15 +99,20 @@ class AdaSCALE(Detector):
         below = torch.searchsorted(ecdf, q.double().contiguous(), right=True).double() / len(ecdf)
         return self.p_min + (1 - below) * (self.p_max - self.p_min)
 
-    def scaled_features(self, z: Tensor, percentiles: Tensor) -> Tensor:
-        """``z * exp(s1 / s2)`` per row with ``s1``, ``s2`` the sum and the top-``k`` sum of ``relu(z)``."""
-        z = z.double()
-        x = z.clamp(min=0)
+    def ratio(self, z: Tensor, percentiles: Tensor) -> Tensor:
+        """``s1 / s2`` per row (N, 1; float64): the sum and the top-``k`` sum of ``relu(z)``, ``k`` from each row's
+        percentile (0 where ``s2`` is 0)."""
+        x = z.double().clamp(min=0)
         d = z.shape[1]
         k = (d - torch.round(d * percentiles.double() / 100)).long().clamp(1, d)
         values = torch.topk(x, int(k.max()), dim=1).values
         s2 = (values * (torch.arange(values.shape[1], device=z.device)[None, :] < k[:, None])).sum(1, keepdim=True)
-        return z * torch.exp(sum_ratio(x.sum(1, keepdim=True), s2))
+        return sum_ratio(x.sum(1, keepdim=True), s2)
+
+    def shaped_logits(self, z: Tensor, percentiles: Tensor) -> Tensor:
+        """AdaSCALE-A: the logits of the features scaled by ``exp(s1 / s2)``."""
+        w, b = self.weight.to(z.device).double(), self.bias.to(z.device).double()
+        return F.linear(z.double() * torch.exp(self.ratio(z, percentiles)), w, b)
 
     # -- contract ---------------------------------------------------------------------------------
     def images_to_fit(self, data: ImageSet) -> ImageSet:
@@ -118,5 +124,26 @@ class AdaSCALE(Detector):
 
     def score_inputs(self, model: Classifier, x: Tensor) -> Tensor:
         z, zp = self._perturbed(model, x)
-        shaped = self.scaled_features(z, self.percentiles(self.statistic(z, zp)))
-        return energy(F.linear(shaped, self.weight.to(z.device).double(), self.bias.to(z.device).double()))
+        return energy(self.shaped_logits(z, self.percentiles(self.statistic(z, zp))))
+
+
+@register
+class AdaSCALEL(AdaSCALE):
+    """AdaSCALE-L: the same adaptive percentile, but the **logits** of the unscaled features are multiplied by
+    ``(s1 / s2)^2`` (OpenOOD's ``AdaScaleLNet``, ``logit_scaling``), then Energy.
+
+    Defaults from OpenOOD's ``adascale_l.yml``: ``p`` in [75, 85]; the rest as AdaSCALE-A (its ``k1: 5, k2: 1``
+    are oodlab's ``k1 = 1``, ``k2 = 5``, see :class:`AdaSCALE`). Deviation: a zero ``s2`` leaves the logits
+    unscaled (official: NaN).
+    """
+
+    name = "adascale-l"
+
+    def __init__(self, p_min: float = 75.0, p_max: float = 85.0, lmbda: float = 10.0, k1: float = 1.0,
+                 k2: float = 5.0, o: float = 0.05, eps: float = 0.5, num_samples: int = 5000) -> None:
+        super().__init__(p_min, p_max, lmbda, k1, k2, o, eps, num_samples)
+
+    def shaped_logits(self, z: Tensor, percentiles: Tensor) -> Tensor:
+        r = self.ratio(z, percentiles)
+        w, b = self.weight.to(z.device).double(), self.bias.to(z.device).double()
+        return F.linear(z.double(), w, b) * torch.where(r != 0, r, 1.0) ** 2

@@ -96,10 +96,37 @@ def test_adascale_with_one_percentile_is_scale():
     z = torch.relu(torch.randn(30, D))
     det = create("adascale-a", p_min=70.0, p_max=70.0)
     det.state = {"ecdf": torch.tensor([0.0], dtype=torch.float64)}
-    got = det.scaled_features(z, det.percentiles(torch.rand(30)))
+    ratio = det.ratio(z, det.percentiles(torch.rand(30)))
     k = kept_count(D, 70.0)
-    want = z.double() * torch.exp(z.double().sum(1, keepdim=True) / torch.topk(z.double(), k, 1).values.sum(1, keepdim=True))
-    assert torch.allclose(got, want, rtol=1e-12) and torch.allclose(got, scale_features(z, 70.0), rtol=1e-12)
+    want = z.double().sum(1, keepdim=True) / torch.topk(z.double(), k, 1).values.sum(1, keepdim=True)
+    assert torch.allclose(ratio, want, rtol=1e-12)
+    assert torch.allclose(z.double() * torch.exp(ratio), scale_features(z, 70.0), rtol=1e-12)
+
+
+def test_adascale_l_scales_the_logits_by_the_squared_ratio():
+    """AdaSCALE-L (OpenOOD's AdaScaleLNet): logits of the unscaled features times (s1 / s2)^2, then Energy;
+    its statistic and percentiles are AdaSCALE-A's (checked against the by-hand ECDF)."""
+    model = linear_model()
+    fit_set, test_set = images(50, 1, "val"), images(20, 2, "test")
+    det = fit_with_model(create("adascale-l", k1=5.0, k2=10.0), model, fit_set, batch_size=16, device="cpu")
+    assert (det.p_min, det.p_max) == (75.0, 85.0)
+    q_fit, _ = by_hand(model, fit_set, det)
+    assert np.allclose(det.state["ecdf"].numpy(), np.sort(q_fit), rtol=1e-6)
+    q_test, _ = by_hand(model, test_set, det)
+    x = torch.stack([test_set.dataset[i][0] for i in range(len(test_set))])
+    with torch.no_grad():
+        z = model.features(x).double()
+    w, b = model.head.weight.detach().double(), model.head.bias.detach().double()
+    want = []
+    ecdf = np.sort(q_fit)
+    for zi, q in zip(z.numpy(), q_test):
+        p = det.p_min + (1 - np.searchsorted(ecdf, q, side="right") / len(ecdf)) * (det.p_max - det.p_min)
+        relu = np.maximum(zi, 0)
+        k = D - int(np.round(D * p / 100))
+        logits = (zi @ w.numpy().T + b.numpy()) * (relu.sum() / np.sort(relu)[::-1][:k].sum()) ** 2
+        want.append(np.log(np.exp(logits - logits.max()).sum()) + logits.max())
+    got = score_with_model(det, model, test_set, batch_size=7, device="cpu").numpy()
+    assert np.allclose(got, want, rtol=1e-5)
 
 
 def test_adascale_fits_through_the_model_only():

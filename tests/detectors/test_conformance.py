@@ -61,7 +61,11 @@ def test_paper_defaults():
                 "klm": {"nearest": True}, "temp-scaling": {"temperature": None},
                 "vra": {"low": 60.0, "high": 90.0, "gamma": 0.0, "per_dimension": True, "zero_below": True},
                 "adascale-a": {"p_min": 60.0, "p_max": 85.0, "lmbda": 10.0, "k1": 1.0, "k2": 5.0, "o": 0.05, "eps": 0.5,
-                               "num_samples": 5000}}
+                               "num_samples": 5000},
+                "adascale-l": {"p_min": 75.0, "p_max": 85.0, "lmbda": 10.0, "k1": 1.0, "k2": 5.0, "o": 0.05, "eps": 0.5,
+                               "num_samples": 5000},
+                "entropy": {}, "weighted-energy": {"weights": None}}
     for name, config in defaults.items():
         assert create(name).config() == config, name
-    assert {n for n in available() if REGISTRY[n].fits_on == "val"} == {"klm", "temp-scaling", "adascale-a"}
+    assert {n for n in available() if REGISTRY[n].fits_on == "val"} == {"klm", "temp-scaling", "adascale-a",
+                                                                       "adascale-l"}

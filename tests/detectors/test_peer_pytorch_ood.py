@@ -61,6 +61,10 @@ def _peer(head: nn.Linear, train: Features, test: Features, name: str) -> torch.
             s = pod.SCALE(None, map_head, percentile=0.85).predict_feature_maps(_maps(test.z))
         elif name == "fdbd":
             s = pod.fDBD(None, head).fit_features(train.z).predict_features(test.z)
+        elif name == "entropy":
+            s = pod.Entropy(None).predict_logits(test.logits)
+        elif name == "weighted-energy":
+            s = pod.WeightedEBO(None, torch.tensor([0.5, 2.0, 0.0, 1.0, -1.0])).predict_logits(test.logits)
         else:
             raise KeyError(name)
     return -torch.as_tensor(s).double()
@@ -68,7 +72,8 @@ def _peer(head: nn.Linear, train: Features, test: Features, name: str) -> torch.
 
 @pytest.mark.parametrize("name, params", [
     ("energy", {}), ("maxlogit", {}), ("react", {}), ("scale", {}), ("fdbd", {}),
-    ("vim", {"dim": 4}), ("knn", {"k": 50}),
+    ("vim", {"dim": 4}), ("knn", {"k": 50}), ("entropy", {}),
+    ("weighted-energy", {"weights": [0.5, 2.0, 0.0, 1.0, -1.0]}),
 ])
 def test_same_scores_as_pytorch_ood(data, name, params):
     head, train, test = data
