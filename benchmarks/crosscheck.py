@@ -159,6 +159,12 @@ def cases(po) -> list[Case]:
              f"{same_rule}; oodlab computes the softmax in float64, pytorch-ood in float32 (ties at 1.0)"),
         Case("MaxLogit", "", oodlab_scores("maxlogit"), logits_only(D.MaxLogit), True, same_rule),
         Case("Energy", "T=1", oodlab_scores("energy"), logits_only(D.EnergyBased), True, same_rule),
+        Case("Entropy", "", oodlab_scores("entropy"), logits_only(D.Entropy), True,
+             f"{same_rule}; oodlab exact in float64, pytorch-ood clips p at 1e-7 in float32"),
+        Case("WeightedEBO", "class weights 1, 2, ..., C (VOS-style)",
+             lambda d: oodlab_scores("weighted-energy", weights=[float(i + 1) for i in range(d.head.out_features)])(d),
+             pyood_scores(lambda d: (lambda f, det=D.WeightedEBO(None, torch.arange(1.0, d.head.out_features + 1)):
+                                     det.predict_logits(f.logits))), True, same_rule),
         Case("GEN", "gamma 0.1", oodlab_scores("gen"), logits_only(D.GEN), True,
              "oodlab sums the top M=100 (capped at C; official code, OpenOOD), pytorch-ood averages all C (M=None): "
              "the same ranking at C=10"),

@@ -379,6 +379,9 @@ def cases() -> list[Case]:
              "perturb 5% of the inputs (smallest |grad|) by 0.5 sign(grad) in normalised units, Q' = relu(z~) over "
              "the top 5% + 10 |z - z~| over the top 1% (OpenOOD's k1 = 5, k2 = 1 are oodlab's k2, k1), ECDF on ID "
              "val; OpenOOD wraps the net in AdaScaleANet", params={"p_min": 75.0, "p_max": 85.0}),
+        Case("adascale_l", "adascale-l", "p in [75, 85]", "", True,
+             "as AdaSCALE-A, but the logits of the unscaled z times (s1 / s2)^2; OpenOOD wraps the net in "
+             "AdaScaleLNet"),
     ]
 
 
@@ -388,7 +391,8 @@ def _resolve(v, run: Run) -> dict:
 
 WRAPPERS = {"react": ("openood.networks.react_net", "ReactNet"), "ash": ("openood.networks.ash_net", "ASHNet"),
             "scale": ("openood.networks.scale_net", "ScaleNet"),
-            "adascale_a": ("openood.networks.adascale_net", "AdaScaleANet")}
+            "adascale_a": ("openood.networks.adascale_net", "AdaScaleANet"),
+            "adascale_l": ("openood.networks.adascale_net", "AdaScaleLNet")}
 
 
 def odin_loaders(run: Run, names: list[str]) -> tuple[OpenOODNet, dict]:
@@ -428,7 +432,7 @@ def run_openood(case: Case, run: Run, src: Path, cache: dict) -> dict[str, tuple
     net.eval()
     with contextlib.redirect_stdout(io.StringIO()):
         pp.setup(net, ids, groups)
-        if case.key == "adascale_a":  # OpenOOD needs set_hyperparam before inference; the yml's arguments
+        if case.key.startswith("adascale_"):  # OpenOOD needs set_hyperparam before inference; the yml's arguments
             args = pp.args
             pp.set_hyperparam([list(args.percentile), args.k1, args.k2, args.lmbda, args.o])
         out = {}

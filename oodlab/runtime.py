@@ -22,8 +22,12 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["default_device", "seed_everything", "cache_dir", "progress", "write_csv", "sha256_hex", "digest",
            "file_sha256", "tensors_sha256", "cached_json", "IntegrityError", "save_checked", "load_checked", "save_safetensors",
@@ -33,6 +37,8 @@ __all__ = ["default_device", "seed_everything", "cache_dir", "progress", "write_
 
 def default_device() -> torch.device:
     """CUDA when present, else CPU (override with ``OODLAB_DEVICE``)."""
+    import torch
+
     if env := os.environ.get("OODLAB_DEVICE"):
         return torch.device(env)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,6 +46,8 @@ def default_device() -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -268,6 +276,8 @@ def file_sha256(path: str | Path) -> str:
 
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 (hex) of named tensors: names, dtypes, shapes and bytes, in name order (device independent)."""
+    import torch
+
     def chunks():
         for name in sorted(tensors):
             t = tensors[name].detach().cpu().contiguous()

@@ -83,3 +83,20 @@ def test_train_refuses_options_the_method_does_not_take(tiny_registered, tmp_pat
     assert main(["train", "--suite", "tiny", "--method", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown training method 'nope'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_list_is_kept_and_printed_again_without_importing_torch(tmp_path):
+    """A second `oodlab list` prints the same text from the cache, in a process that never imports torch."""
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    env = subprocess_env(OODLAB_CACHE=str(tmp_path / "cache"))
+    first = subprocess.run([sys.executable, "-m", "oodlab", "list"], env=env, capture_output=True, text=True, check=True)
+    probe = "import runpy, sys; sys.argv = ['oodlab', 'list']; "
+    probe += "exec(\"try:\\n    runpy.run_module('oodlab', run_name='__main__')\\nexcept SystemExit: pass\"); "
+    probe += "print('TORCH' if 'torch' in sys.modules else 'NO TORCH', file=sys.stderr)"
+    second = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert second.stdout == first.stdout and "detectors:" in first.stdout
+    assert second.stderr.strip() == "NO TORCH"
