@@ -5,8 +5,8 @@ process. Per repeat, in this order:
 
 - oodlab, cold cache: ``run_bench`` with every detector both libraries have (pytorch-ood 0.4), into an
   empty feature cache;
-- oodlab, warm cache: the same again (features, fitted states and ODIN's scores come from the cache; the
-  feature-path detectors score again and the report is drawn again);
+- oodlab, warm cache: the same again into a new folder (features, fitted states, every detector's scores and
+  the intervals come from the cache; the tables and the report are written again);
 - oodlab, one detector (Energy) alone, cold cache;
 - pytorch-ood usage 1 (model path): each detector gets the model, ``fit(loader)`` / ``predict(x)``;
 - pytorch-ood usage 2 (hand-wired): features extracted once by hand, then the feature-, feature-map- and
@@ -408,8 +408,8 @@ which pytorch-ood does not either; without them as well (oodlab {statistics.medi
 **{_median_ratio(pod1[1], no_ci):.2f}x** as long as oodlab and usage 2 {_median_ratio(pod2[1], no_ci):.2f}x.
 The full sweep costs {_median_ratio(cold, t['one']):.2f}x one detector alone (Energy fits on nothing, so that run extracts
 only ID test and the OOD sets). On a warm cache oodlab extracts nothing, fits nothing and does not go back to the
-model (fitted states and ODIN's scores are cached next to the features); the feature-path detectors score again,
-and the intervals and the report are computed again.
+model: fitted states, every detector's scores and the intervals are cached by content next to the features;
+only the tables and the report are written again.
 Per detector, last repeat (fit and score seconds inside `run_bench`; extraction is not in them):
 
 {chr(10).join(per_det)}

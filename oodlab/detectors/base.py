@@ -191,6 +191,16 @@ class Detector(ABC):
         """Scores of one batch as tensor arithmetic (what :meth:`score` runs per chunk and a guard exports)."""
         raise ExportError(f"{self.name} cannot be exported: {self.export_refusal}")
 
+    def export_constants(self) -> dict[str, Tensor]:
+        """Tensors the exported score reads (:meth:`export_score`), computed once when a guard is exported: by
+        default none, and the exported score is :meth:`tensor_score`."""
+        return {}
+
+    def export_score(self, z: Tensor, logits: Tensor, constants: dict[str, Tensor]) -> Tensor:
+        """The score an exported guard computes from :meth:`export_constants`: :meth:`tensor_score` unless a
+        detector gives a form the runtimes run faster (its docstring says how far the two may differ)."""
+        return self.tensor_score(z, logits)
+
     @property
     def export_refusal(self) -> str | None:
         """Why this detector cannot be exported as tensor arithmetic, or None when it can."""

@@ -58,6 +58,15 @@ class ViM(Detector):
         virtual = ((z - self.state["origin"]) @ self.state["residual"]).norm(dim=1) * self.state["alpha"]
         return energy(F.linear(z, self.weight.double(), self.bias.double())) - virtual
 
+    def export_constants(self) -> dict[str, Tensor]:
+        return {"origin": self.state["origin"].float(), "residual": self.state["residual"].float()}
+
+    def export_score(self, z: Tensor, logits: Tensor, constants: dict[str, Tensor]) -> Tensor:
+        """The exported guard's score: the residual projection in float32 (see :meth:`Mahalanobis.export_score`),
+        the energy of the model's own logits; they differ from :meth:`tensor_score` by float32 rounding."""
+        virtual = ((z.float() - constants["origin"]) @ constants["residual"]).norm(dim=1).double() * self.state["alpha"]
+        return energy(logits) - virtual
+
 
 @register
 class Residual(ViM):
@@ -70,3 +79,6 @@ class Residual(ViM):
 
     def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
         return -((z.double() - self.state["origin"]) @ self.state["residual"]).norm(dim=1)
+
+    def export_score(self, z: Tensor, logits: Tensor, constants: dict[str, Tensor]) -> Tensor:
+        return -((z.float() - constants["origin"]) @ constants["residual"]).norm(dim=1).double()

@@ -51,11 +51,14 @@ class GuardGraph(nn.Module):
         self.register_buffer("block_last", cal[self.block - 1 :: self.block].clone())
         self.register_buffer("blocks", padded.view(-1, self.block))
         self.register_buffer("threshold", torch.tensor(guard.threshold, dtype=torch.float64))
+        self.constants = list(det.export_constants().items())
+        for name, value in self.constants:
+            self.register_buffer(f"detector_{name}", value)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         z = self.model.features(images)
         logits = self.model.head(z)
-        score = self.detector.tensor_score(z, logits)
+        score = self.detector.export_score(z, logits, {k: getattr(self, f"detector_{k}") for k, _ in self.constants})
         whole = (self.block_last[None, :] <= score[:, None]).sum(1)
         count = whole * self.block + (self.blocks[whole] <= score[:, None]).sum(1)
         p_value = (count + 1).double() / (self.n + 1)
