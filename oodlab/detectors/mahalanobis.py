@@ -83,9 +83,9 @@ class Mahalanobis(Detector):
 
     def export_score(self, z: Tensor, logits: Tensor, constants: dict[str, Tensor]) -> Tensor:
         """The exported guard's score: the same distances in float32 (ONNX Runtime multiplies float64 matrices
-        several times slower: at 2048-d the guard cost +16.6% of a ResNet-50's batch-1 latency, +4.1% and +4.7% in two runs now). It
-        differs from :meth:`tensor_score` by float32 rounding, a relative 5.2e-5 on the default suite with no flag
-        changed (``benchmarks/guard.py`` states both)."""
+        several times slower: at 2048-d the guard cost +16.6% of a ResNet-50's batch-1 latency, +4.1% and +4.7%
+        in two runs now). It differs from :meth:`tensor_score` by float32 rounding, a relative 5.2e-5 on the
+        default suite with no flag changed (``benchmarks/guard.py`` states both)."""
         zf = self._features(z).float()
         d = _squared_distances(zf, constants["means"], constants["precision"], constants["mean_norms"])
         return -d.min(1).values.double()
