@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..features import FeatureSource
 from .base import Detector, energy, register
 from ..validate import integer, number
 
@@ -111,12 +112,21 @@ class WeightedEnergy(Detector):
     def __init__(self, weights: list[float] | None = None) -> None:
         super().__init__()
         if weights is not None:
-            if not isinstance(weights, (list, tuple)) or not weights:
-                raise ValueError(f"weights must be a list of one number per class, got {weights!r}")
+            if not isinstance(weights, (list, tuple)) or len(weights) < 2:
+                raise ValueError(f"weights must be a list of one number per class (2 or more), got {weights!r}")
             weights = [number("class weight", w) for w in weights]
             if not any(w > 0 for w in weights):
                 raise ValueError("weights: at least one class weight must be > 0 (negative ones count as 0)")
         self.weights = None if weights is None else list(weights)
+
+    def fit(self, train: FeatureSource | None, head: nn.Linear, *, device: torch.device | str | None = None
+            ) -> WeightedEnergy:
+        """:meth:`Detector.fit`, then the class weights checked against the head's classes."""
+        super().fit(train, head, device=device)
+        if self.weights is not None and len(self.weights) != head.out_features:
+            raise ValueError(f"weighted-energy has {len(self.weights)} class weights and the model "
+                             f"{head.out_features} classes; give one weight per class")
+        return self
 
     def tensor_score(self, z: Tensor, logits: Tensor) -> Tensor:
         if self.weights is None:

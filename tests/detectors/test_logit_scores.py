@@ -28,6 +28,8 @@ def test_weighted_energy_known_answers():
     got = _score("weighted-energy", logits, weights=[2.0, 0.0, -3.0])  # a zero and a negative weight drop out
     assert got.tolist() == pytest.approx((logits[:, 0] + math.log(2)).tolist(), abs=1e-12)
     with pytest.raises(ValueError, match="one weight per class"):
-        _score("weighted-energy", logits, weights=[1.0, 1.0])
+        _score("weighted-energy", logits, weights=[1.0, 1.0])  # refused at fit: 2 weights, 3 classes
+    with pytest.raises(ValueError, match="2 or more"):
+        create("weighted-energy", weights=[1.0])
     with pytest.raises(ValueError, match="at least one class weight must be > 0"):
         create("weighted-energy", weights=[0.0, -1.0])
