@@ -285,22 +285,18 @@ def _list(_: argparse.Namespace) -> None:
     """Print the listing; it depends only on oodlab's code and the installed packages, so it is kept in the cache
     under a key of both (the sizes and mtimes of the package's files, the packages' versions) and printed from
     there without importing torch (0.1 s instead of 3)."""
-    import hashlib
     from importlib import metadata
 
-    from .runtime import cache_dir
+    from .runtime import atomic_write_text, cache_dir, sha256_hex
 
     package = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in sorted(package.rglob("*.py")):
-        st = f.stat()
-        h.update(f"{f.relative_to(package)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    key = [f"{f.relative_to(package)}|{f.stat().st_size}|{f.stat().st_mtime_ns}\n" for f in sorted(package.rglob("*.py"))]
     for dist in ("torch", "torchvision", "timm", "faiss-cpu", "onnx", "onnxruntime", "zuko"):
         try:
-            h.update(f"{dist}={metadata.version(dist)}\n".encode())
+            key.append(f"{dist}={metadata.version(dist)}\n")
         except metadata.PackageNotFoundError:
-            h.update(f"{dist}=-\n".encode())
-    kept = cache_dir() / "list" / f"{h.hexdigest()[:24]}.txt"
+            key.append(f"{dist}=-\n")
+    kept = cache_dir() / "list" / f"{sha256_hex(key)[:24]}.txt"
     try:
         print(kept.read_text(encoding="utf-8"), end="")
         return
@@ -308,8 +304,6 @@ def _list(_: argparse.Namespace) -> None:
         pass
     text = _listing()
     print(text, end="")
-    from .runtime import atomic_write_text
-
     try:
         atomic_write_text(kept, text)
     except OSError:  # a read-only cache costs the next listing its time, nothing else
