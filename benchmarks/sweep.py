@@ -3,6 +3,7 @@
 All runs use the suite's default checkpoint and the same in-memory data, batches and device, in one
 process. Per repeat, in this order:
 
+- ``oodlab extract`` (``extract_suite``) into its own empty cache: the floor;
 - oodlab, cold cache: ``run_bench`` with every detector both libraries have (pytorch-ood 0.4), into an
   empty feature cache;
 - oodlab, warm cache: the same again into a new folder (features, fitted states, every detector's scores and
@@ -52,6 +53,7 @@ from oodlab.data.base import ImageSet, batches
 from oodlab.data.suites import Suite, load_suite
 from oodlab.detectors import create, score_with_model
 from oodlab.features import extract
+from oodlab.features.extraction import EXTRACT_BATCH
 from oodlab.metrics import auroc
 from oodlab.models.zoo import load_checkpoint
 from oodlab.training.recipes import default_checkpoint
@@ -59,7 +61,7 @@ from oodlab.training.recipes import default_checkpoint
 DETECTORS = ["msp", "maxlogit", "energy", "gen", "klm", "temp-scaling", "odin", "mahalanobis", "rmds", "knn", "vim",
              "she", "fdbd", "nci", "nnguide", "gradnorm", "react", "dice", "ash-p", "ash-b", "ash-s", "scale", "vra"]
 HELD_OUT = [name for name in DETECTORS if create(name).fits_on == "val"]  # oodlab fits these on Suite.held_out()
-BATCH = 512
+BATCH = EXTRACT_BATCH  # oodlab's default; pytorch-ood's loaders get the same batches
 MODEL_BATCH = 256  # oodlab's runner scores model-path detectors in batches of at most 256
 CPU: dict[str, list[float]] = {}  # process CPU seconds per kind of run: robust to pauses of the process
 # usage 2: the crosscheck case (method, setting) that wires the detector, and the pytorch-ood API it calls
@@ -159,6 +161,22 @@ def oodlab_run(suite: Suite, ckpt: Path, detectors: list[str], cache: Path,
         return time.perf_counter() - t0, sum(report_s), sum(ci_s), rows
     finally:
         bench_api.write_report, bench_runner.confidence_intervals = draw, ci
+        if previous is None:
+            os.environ.pop("OODLAB_CACHE")
+        else:
+            os.environ["OODLAB_CACHE"] = previous
+
+
+def extract_run(suite: Suite, ckpt: Path, cache: Path) -> float:
+    """Seconds of ``extract_suite`` (what ``oodlab extract`` runs) into the empty feature cache ``cache``: the floor
+    a sweep is measured against."""
+    previous = os.environ.get("OODLAB_CACHE")
+    os.environ["OODLAB_CACHE"] = str(cache)
+    try:
+        t0 = time.perf_counter()
+        bench_api.extract_suite(RunSpec(ckpt, data=suite), batch_size=BATCH)
+        return time.perf_counter() - t0
+    finally:
         if previous is None:
             os.environ.pop("OODLAB_CACHE")
         else:
@@ -323,12 +341,14 @@ def _odin_s(rows: list[dict]) -> float:
 
 def measure(suite: Suite, ckpt: Path, repeats: int, names: list[str] = DETECTORS) -> str:
     """Run the timing protocol and the AUROC comparison for detectors ``names``; returns the markdown body."""
-    t: dict[str, list[float]] = {k: [] for k in ("cold", "warm", "one", "pod1", "pod2", "report cold", "report warm",
+    t: dict[str, list[float]] = {k: [] for k in ("extract", "cold", "warm", "one", "pod1", "pod2", "report cold",
+                                                 "report warm",
                                                  "report one", "odin cold", "odin warm", "pod1 odin", "pod2 odin",
                                                  "ci cold", "ci warm", "ci one")}
     for rep in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
+            t["extract"].append(extract_run(suite, ckpt, tmp / "cx"))
             for kind, dets, cache in (("cold", names, "cache"), ("warm", names, "cache"), ("one", ["energy"], "c1")):
                 sec, report_s, ci_s, rows = oodlab_run(suite, ckpt, dets, tmp / cache, tmp / kind)
                 t[kind].append(sec)
@@ -383,7 +403,7 @@ def measure(suite: Suite, ckpt: Path, repeats: int, names: list[str] = DETECTORS
     no_ci, ci_cold = minus("cold", "odin cold", "report cold", "ci cold"), statistics.median(t["ci cold"])
     return f"""Suite `{suite.name}` ({sizes} images; held-out ID `{held.name}` {len(held)}: {held_how}), default
 checkpoint `{Path(ckpt).name}`, CPU, batch {BATCH}, {repeats} repeat{'s' if repeats > 1 else ''} in one process (order per repeat:
-oodlab cold, oodlab warm, Energy alone, pytorch-ood usage 1, usage 2). ODIN runs in batches of {MODEL_BATCH} in both
+`oodlab extract` into its own empty cache, oodlab cold, oodlab warm, Energy alone, pytorch-ood usage 1, usage 2). ODIN runs in batches of {MODEL_BATCH} in both
 libraries, as oodlab's runner does for model-path detectors. Detectors ({len(names)}{everyone}):
 {', '.join(names)}; oodlab with its paper defaults, pytorch-ood with its
 defaults or, where noted below, oodlab's setting (the settings of `benchmarks/crosscheck.py`, whose wiring usage 2
@@ -406,6 +426,9 @@ Setting both aside, usage 1 takes **{_median_ratio(pod1[1], cold_core):.2f}x** a
 bootstrap draws) for every row ({len(names)} detectors x {len(suite.ood)} OOD sets; median {ci_cold:.1f} s of the cold sweep),
 which pytorch-ood does not either; without them as well (oodlab {statistics.median(no_ci):.1f} s), usage 1 takes
 **{_median_ratio(pod1[1], no_ci):.2f}x** as long as oodlab and usage 2 {_median_ratio(pod2[1], no_ci):.2f}x.
+Against the floor, `oodlab extract` of the same data sets ({statistics.median(t['extract']):.1f} s) plus ODIN's own
+passes ({statistics.median(t['odin cold']):.1f} s), the cold sweep takes
+**{_median_ratio(cold, [e + o for e, o in zip(t['extract'], t['odin cold'])]):.2f}x**.
 The full sweep costs {_median_ratio(cold, t['one']):.2f}x one detector alone (Energy fits on nothing, so that run extracts
 only ID test and the OOD sets). On a warm cache oodlab extracts nothing, fits nothing and does not go back to the
 model: fitted states, every detector's scores and the intervals are cached by content next to the features;
