@@ -26,7 +26,7 @@ from numpy.typing import ArrayLike
 
 from .validate import number, score_array
 
-__all__ = ["auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "fpr_at_tpr_ood_positive", "evaluate", "bootstrap_metrics",
+__all__ = ["roc_curve", "auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "fpr_at_tpr_ood_positive", "evaluate", "bootstrap_metrics",
            "confidence_intervals"]
 
 
@@ -49,12 +49,17 @@ def _roc_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
     return tps, fps
 
 
-def auroc(score_id: ArrayLike, score_ood: ArrayLike) -> float:
-    """Area under the ROC curve, ID positive (ties count one half, as the trapezoidal ROC does)."""
+def roc_curve(score_id: ArrayLike, score_ood: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every distinct threshold, ID positive, from (0, 0) to (1, 1): the curve :func:`auroc`
+    integrates."""
     scores, labels = _labelled(score_id, score_ood)
     tps, fps = _roc_counts(scores, labels)
-    tpr = np.r_[0.0, tps / tps[-1]]
-    fpr = np.r_[0.0, fps / fps[-1]]
+    return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
+
+
+def auroc(score_id: ArrayLike, score_ood: ArrayLike) -> float:
+    """Area under the ROC curve, ID positive (ties count one half, as the trapezoidal ROC does)."""
+    fpr, tpr = roc_curve(score_id, score_ood)
     return float(np.trapezoid(tpr, fpr))
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime import atomic_write_text
-from ..metrics import auroc, fpr_at_tpr
+from ..metrics import auroc, fpr_at_tpr, roc_curve
 from .figures import ID_COLOR, hist_edges, ood_color, threshold_at_tpr
 from .report import KINDS, METRICS, _label, summary_rows
 from .runner import load_rows, load_scores
@@ -325,16 +325,13 @@ def _thin(xs: np.ndarray, ys: np.ndarray, most: int = 200) -> list[list[float]]:
 def _curves(scores: dict[str, np.ndarray]) -> dict[str, Any]:
     """What the page draws of one detector: per OOD set its ROC curve, AUROC, FPR95 and histogram, ID's histogram
     and the threshold that accepts 95% of ID."""
-    from ..metrics import _roc_counts
-
     sid = np.asarray(scores["id"], dtype=np.float64)
     oods = {k: np.asarray(v, dtype=np.float64) for k, v in scores.items() if k != "id"}
     edges = hist_edges([sid, *oods.values()])
     counts = lambda s: [int(c) for c in np.histogram(np.clip(s, edges[0], edges[-1]), edges)[0]]  # noqa: E731
     sets = {}
     for name, sood in oods.items():
-        tps, fps = _roc_counts(np.r_[sid, sood], np.r_[np.ones(sid.size), np.zeros(sood.size)])
-        sets[name] = {"roc": _thin(np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]),
+        sets[name] = {"roc": _thin(*roc_curve(sid, sood)),
                       "auroc": round(auroc(sid, sood), 6), "fpr95": round(fpr_at_tpr(sid, sood), 6),
                       "hist": counts(sood)}
     return {"lo": round(float(edges[0]), 6), "hi": round(float(edges[-1]), 6), "id_hist": counts(sid),
