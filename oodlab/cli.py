@@ -133,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(e)
     e.add_argument("--fit-subset", type=int, help="a seeded random subset of this many ID training images")
     e.add_argument("--retrain", action="store_true", help="the default model trained with the default recipe")
+    e.add_argument("--detectors", help="comma list whose intermediate layers to extract too (default: all, as bench)")
+    e.add_argument("--param", action="append", metavar="DET.KEY=VALUE", help="detector parameter, e.g. "
+                   "mds-ensemble.layers=2,9")
     e.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     e.add_argument("--cache-dtype", choices=("float32", "float16"), default="float32")
 
@@ -220,7 +223,8 @@ def _extract(a: argparse.Namespace) -> None:
     from .bench.api import extract_suite
     from .runtime import cache_dir
 
-    records = extract_suite(_spec(a), batch_size=a.batch_size, cache_dtype=a.cache_dtype)
+    records = extract_suite(_spec(a), detectors=a.detectors, params=_detector_params(a.param), batch_size=a.batch_size,
+                            cache_dtype=a.cache_dtype)
     if distributed.is_main():
         for r in records:
             rate = f"{r['images'] / r['seconds']:9.0f} images/s" if r["extracted"] and r["seconds"] > 0 else "   (cached)"

@@ -42,7 +42,7 @@ def score_folder(spec: RunSpec, detector: str | Path | Detector, images: str | P
     loaded = resolve_model(spec)
     det = detector if isinstance(detector, Detector) else load_detector(detector)
     data = folder.load(images, prep=loaded.prep)
-    feats = extract(loaded.model, data, device=spec.device, strict=strict)
+    feats = extract(loaded.model, data, device=spec.device, strict=strict, layers=det.layer_taps(loaded.model, data))
     scores = det.score_on(loaded.model, data, feats, device=spec.device)
     values = iter(scores.tolist())
     skipped = set(feats.skipped)

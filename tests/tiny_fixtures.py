@@ -1,4 +1,7 @@
-"""A tiny classifier and its features on random 8x8 images, shared by the detector and guard tests."""
+"""A tiny classifier and its features on random 8x8 images, shared by the detector and guard tests.
+
+The features hold the intermediate-layer features every registered detector reads by default (and the spatial
+mean of every layer of the body), so those detectors run on them as on a sweep's cache."""
 
 from dataclasses import dataclass
 
@@ -7,7 +10,9 @@ import torch
 from torch import nn
 
 from oodlab.data.base import ArrayDataset, ImageSet, tensor_fingerprint
+from oodlab.detectors import available, create
 from oodlab.features import Features, extract
+from oodlab.features.layers import tap
 from oodlab.models.adapter import Classifier
 
 
@@ -42,7 +47,9 @@ def tiny() -> Tiny:
     model = tiny_classifier()
     train_set, test_set = image_set("train", 300, 1), image_set("test", 60, 2)
     ood_set = image_set("ood", 40, 3, num_classes=None, bright=True)
-    get = lambda s: extract(model, s, batch_size=64, device="cpu")  # noqa: E731
+    layers = tuple(dict.fromkeys([tap(name) for name, _ in model.body.named_children()]
+                                 + [t for n in available() for t in create(n).layer_taps(model, train_set)]))
+    get = lambda s: extract(model, s, batch_size=64, device="cpu", layers=layers)  # noqa: E731
     return Tiny(model, get(train_set), get(test_set), get(ood_set), test_set, ood_set, train_set)
 
 

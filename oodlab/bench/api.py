@@ -118,15 +118,19 @@ def run_bench(spec: RunSpec, *, detectors: str | list[str] | None = None, out_di
     return rows
 
 
-def extract_suite(spec: RunSpec, *, batch_size: int = EXTRACT_BATCH, cache_dtype: str = "float32") -> list[dict[str, Any]]:
+def extract_suite(spec: RunSpec, *, detectors: str | list[str] | None = None, params: dict[str, dict[str, Any]] | None = None,
+                  batch_size: int = EXTRACT_BATCH, cache_dtype: str = "float32") -> list[dict[str, Any]]:
     """Fill the feature cache with every data set a sweep of ``spec``'s suite reads, each once, and nothing else:
     ID train, ID test, the held-out ID set (:meth:`Suite.held_out`), every OOD set, and where the suite has them
-    its validation OOD and covariate-shifted ID sets. Returns one record per set: ``set``, ``images``,
+    its validation OOD and covariate-shifted ID sets, with the intermediate layers that ``detectors`` (as for
+    :func:`run_bench`: default every registered one) read. Returns one record per set: ``set``, ``images``,
     ``seconds`` and ``extracted`` (False: already cached). Under ``torchrun`` every rank extracts its shards."""
     if cache_dtype not in ("float32", "float16"):
         raise ValueError(f"cache_dtype must be 'float32' or 'float16', got {cache_dtype!r}")
     integer("batch_size", batch_size, 1)
+    dets = parse_detectors(detectors, params)
     loaded, suite = resolve(spec)
+    layers = tuple(dict.fromkeys(name for d in dets for name in d.layer_taps(loaded.model, suite.id_test)))
     cache = FeatureCache(storage=getattr(torch, cache_dtype))
     sets = [suite.id_train, suite.id_test, suite.held_out(), *suite.ood.values(),
             *([suite.ood_val] if suite.ood_val is not None else []), *suite.csid.values()]
@@ -136,7 +140,7 @@ def extract_suite(spec: RunSpec, *, batch_size: int = EXTRACT_BATCH, cache_dtype
             continue
         seen.add(data.fingerprint)
         before, t0 = cache.extractions, time.perf_counter()
-        cache.get(loaded.model, loaded.model_id, data, batch_size, spec.device, lazy=True)
+        cache.get(loaded.model, loaded.model_id, data, batch_size, spec.device, lazy=True, layers=layers)
         records.append({"set": data.name, "images": len(data), "seconds": round(time.perf_counter() - t0, 3),
                         "extracted": cache.extractions > before})
     return records

@@ -36,6 +36,8 @@ OPENOOD_NAMES = {
     "react": "ReAct", "ash-b": "ASH", "dice": "DICE", "knn": "KNN", "vim": "VIM", "gradnorm": "GradNorm",
     "gen": "GEN", "klm": "KLM", "temp-scaling": "TempScale", "she": "SHE", "scale": "SCALE", "nnguide": "NNGuide",
     "fdbd": "fDBD", "nci": "NCI", "adascale-a": "AdaSCALE-A", "adascale-l": "AdaSCALE-L",
+    "mds-ensemble": "MDSEns", "gram": "Gram",
+    "grood": "GrOOD", "weiper-kld": "WeiPer+KLD", "openmax": "OpenMax",
 }
 
 #: The network OpenOOD's leaderboard rows of each benchmark use (its released checkpoints; torchvision's for 1K).
@@ -62,6 +64,15 @@ GRIDS: dict[str, tuple[str, dict[str, list[Any]]]] = {
                    {"percentiles": _PAIRS}),
     "adascale-l": ("adascale_l.yml (its percentile pairs; k1, k2, lambda, o kept at oodlab's)",
                    {"percentiles": _PAIRS}),
+    "grood": ("grood.yaml (its k and sampling_ratio, as k and fraction; its layer, lambda, noise-source and "
+              "noise-count axes have no penultimate, ID-only counterpart. In OpenOOD this search changes no score: "
+              "setup is not rerun per point and k is never read)",
+              {"k": [1, 10, 20, 50, 100], "fraction": [0.01, 0.1, 0.25, 0.5, 0.7, 1.0]}),
+    "weiper-kld": ("weiper_kldiv.yml of the official OpenOOD fork mgranz/weiper @ 1c27a4f (Weiper/OpenOOD/configs/"
+                   "postprocessors/; Jingkang50/OpenOOD has no WeiPer)",
+                   {"lambda_1": [0.1, 1, 2.5, 4], "lambda_2": [0.1, 0.25, 1, 2.5, 5], "n_bins": [60, 80, 100],
+                    "perturbation_distance": [1.8, 2.0, 2.2, 2.4], "smoothing": [4, 8, 12, 20, 40],
+                    "smoothing_perturbed": [15, 25, 40]}),
 }
 
 

@@ -61,13 +61,14 @@ class BenchContext:
     batch_size: int = EXTRACT_BATCH
     device: torch.device | str | None = None
 
-    def features(self, train: bool = True, ood: bool = True) -> tuple[FeatureSource | None, FeatureSource,
-                                                                      dict[str, FeatureSource | None]]:
+    def features(self, train: bool = True, ood: bool = True, layers: tuple[str, ...] = ()
+                 ) -> tuple[FeatureSource | None, FeatureSource, dict[str, FeatureSource | None]]:
         """(ID train, ID test, {OOD name: features}), from the cache when possible and read from its shards
         on disk (never all in memory); ``train`` / ``ood`` False leave those sets unextracted (None).
-        ID test is always read: it gives the ID accuracy. Under ``torchrun`` every rank extracts its part."""
+        ID test is always read: it gives the ID accuracy. ``layers``: the intermediate-layer features to
+        extract with them, in the same pass. Under ``torchrun`` every rank extracts its part."""
         get = lambda data: self.cache.get(self.model, self.model_id, data, self.batch_size, self.device,  # noqa: E731
-                                          lazy=True)
+                                          lazy=True, layers=layers)
         return (get(self.suite.id_train) if train else None, get(self.suite.id_test),
                 {k: get(v) if ood else None for k, v in self.suite.ood.items()})
 
@@ -148,7 +149,8 @@ def _score(det: Detector, ctx: BenchContext, feats: FeatureSource | None, data) 
         entry = getattr(feats, "entry", None)
         if entry is None:  # features not from the cache: nothing identifies them
             return det.score_on(ctx.model, data, feats, device=ctx.device)
-        parts = ("features", Path(entry).name, str(ctx.cache.storage), detector_key(det), *(fit_part or ["-"]))
+        layers = [Path(feats.layer(name).entry).name for name in det.taps]  # the layer features it reads too
+        parts = ("features", Path(entry).name, *layers, str(ctx.cache.storage), detector_key(det), *(fit_part or ["-"]))
     else:
         parts = (data.fingerprint, detector_key(det), str(det.model_batch), *fit_part)
     path = _cached(ctx, "scores", *parts).with_suffix(".safetensors")
@@ -175,13 +177,16 @@ def run_detectors(ctx: BenchContext, detectors: list[Detector],
     Under ``torchrun`` every rank takes part in the extraction; then only rank 0 fits, scores and
     writes (the other ranks return an empty list)."""
     out = Path(ctx.out_dir)
+    for det in detectors:  # layers=None becomes the model's stages before any key is taken
+        det.layer_taps(ctx.model, ctx.suite.id_test)
     todo_at, cached_at = distributed.broadcast_object(_plan(ctx, detectors) if distributed.is_main() else None)
     todo = [detectors[i] for i in todo_at]
     if todo:
         cached = {id(detectors[i]) for i in cached_at}
+        layers = tuple(dict.fromkeys(name for d in todo for name in d.taps))
         train, test, oods = ctx.features(train=any("train" in d.feature_sets() and id(d) not in cached for d in todo),
-                                         ood=any("eval" in d.feature_sets() for d in todo))
-        held = _held_out_features(ctx, [d for d in todo if id(d) not in cached])
+                                         ood=any("eval" in d.feature_sets() for d in todo), layers=layers)
+        held = _held_out_features(ctx, [d for d in todo if id(d) not in cached], layers)
         if distributed.is_main():
             for det in progress(todo, desc="detectors", unit="detector", leave=True):
                 _run_one(ctx, det, held if "val" in det.feature_sets() else train, test, oods, id(det) in cached,
@@ -207,12 +212,13 @@ def _plan(ctx: BenchContext, detectors: list[Detector]) -> tuple[list[int], list
     return todo, [i for i in todo if _load_fit(ctx, detectors[i])]
 
 
-def _held_out_features(ctx: BenchContext, detectors: list[Detector]) -> FeatureSource | None:
+def _held_out_features(ctx: BenchContext, detectors: list[Detector], layers: tuple[str, ...] = ()) -> FeatureSource | None:
     """Features of the suite's held-out ID set (:meth:`Suite.held_out`) when a detector fits on its features;
     every rank takes part in the extraction, as for the other sets."""
     if not any("val" in d.feature_sets() for d in detectors):
         return None
-    return ctx.cache.get(ctx.model, ctx.model_id, ctx.suite.held_out(), ctx.batch_size, ctx.device, lazy=True)
+    return ctx.cache.get(ctx.model, ctx.model_id, ctx.suite.held_out(), ctx.batch_size, ctx.device, lazy=True,
+                         layers=layers)
 
 
 def _run_one(ctx: BenchContext, det: Detector, train: FeatureSource | None, test: FeatureSource,

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..data.base import ImageSet, batches
 from ..features import FeatureCache, Features, FeatureSource, StoredFeatures, chunk_rows, extract
+from ..features.layers import tap
 from ..models.adapter import Classifier, inference_input
 from ..registry import Registry
 from ..runtime import atomic_path, atomic_write_text, default_device, progress, save_safetensors
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from ..data.suites import Suite
 
 __all__ = ["Detector", "NotFittedError", "ExportError", "REGISTRY", "register", "create", "available", "load_detector",
-           "score_with_model", "fit_with_model", "fit_data", "fit_detector", "energy"]
+           "score_with_model", "fit_with_model", "fit_data", "fit_detector", "energy", "layer_list"]
 
 
 class NotFittedError(RuntimeError):
@@ -73,6 +74,10 @@ class Detector(ABC):
     score_chunk: ClassVar[int] = 65536  # rows per call of tensor_score in score(): bounds memory, not results
     model_batch: ClassVar[int] = 256  # images per model-path pass (fit_on / score_on): bounds memory, not results
     notes: ClassVar[str] = ""  # what a user must know about a variant or placement (shown by `oodlab list`)
+    #: detectors that read intermediate layers: how each layer's output is reduced (:mod:`oodlab.features.layers`);
+    #: they take a ``layers`` parameter (None: the model's stages, :meth:`Classifier.stages`)
+    layer_reduction: ClassVar[str | None] = None
+    layers: tuple[str, ...] | None = None
 
     def __init__(self) -> None:
         self.state: dict[str, Tensor] = {}
@@ -133,10 +138,11 @@ class Detector(ABC):
             return fit_with_model(self, model, data, self.model_batch, device)
         if not self.needs_train:
             return self.fit(None, model.head, device=device)
+        taps = self.layer_taps(model, data)
         if features is None:
             if data is None:
                 raise ValueError(f"{self.name} learns from ID training features: pass the images or their features")
-            features = extract(model, data, device=device)
+            features = extract(model, data, device=device, layers=taps)
         return self.fit(features, model.head, device=device)
 
     def score_on(self, model: Classifier, data: ImageSet | None, features: FeatureSource | None = None, *,
@@ -154,15 +160,40 @@ class Detector(ABC):
         if features is None:
             if data is None:
                 raise ValueError(f"{self.name} scores features: pass the images or their features")
-            features = extract(model, data, device=device)
+            features = extract(model, data, device=device, layers=self.layer_taps(model, data))
         return self.score(features)
 
     def score_batch(self, model: Classifier, x: Tensor, features: Features) -> Tensor:
-        """Scores of one batch of inputs ``x`` already on ``model``'s device, whose ``features`` (z and logits,
-        on the CPU) the caller computed: what a guard runs per batch."""
+        """Scores of one batch of inputs ``x`` already on ``model``'s device, whose ``features`` (z, logits and the
+        layer features :attr:`taps` names, on the CPU) the caller computed: what a guard runs per batch."""
         if self.needs == "model":
             return self.score_inputs(model, x).double().cpu()
         return self.score(features)
+
+    def layer_taps(self, model: Classifier, data: ImageSet | None = None) -> tuple[str, ...]:
+        """The intermediate-layer features this detector reads through ``model`` (taps ``"<layer>:<reduction>"``;
+        none for detectors of ``z`` and the logits), checked against the layers ``model`` has. ``layers = None``
+        becomes the model's stages for ``data``'s image shape, once: from then on :meth:`config` names them."""
+        if self.layer_reduction is None:
+            return ()
+        if self.layers is None:
+            shape = model.input_shape or (model.item_shape(data) if data is not None else None)
+            if shape is None:
+                raise ValueError(f"{self.name} reads the model's stages by default: pass the images, or give layers")
+            self.layers = tuple(model.stages(shape))
+        for path in self.layers:
+            model.layer(path)
+        return self.taps
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """Names of the layer features :meth:`fit` and :meth:`score` read (set ``layers`` or call :meth:`layer_taps`)."""
+        if self.layer_reduction is None:
+            return ()
+        if self.layers is None:
+            raise ValueError(f"{self.name} reads the model's stages by default, which only the model knows: fit it "
+                             "through fit_on(model, data), or give layers=")
+        return tuple(tap(path, self.layer_reduction) for path in self.layers)
 
     def feature_sets(self) -> frozenset[str]:
         """The cached feature sets a run extracts for this detector: ``"train"`` / ``"val"`` when its fit reads
@@ -177,6 +208,9 @@ class Detector(ABC):
     def requirements(self) -> str:
         """What the detector reads, in words (``oodlab list``, ``oodlab fit``)."""
         what = "needs the model (it must see the input image)" if self.needs == "model" else "needs features"
+        if self.layer_reduction is not None:
+            where = ", ".join(self.layers) if self.layers is not None else "the model's stages (default)"
+            what += f" of intermediate layers ({self.layer_reduction} of {where}; --param {self.name}.layers=A,B)"
         if not self.needs_train:
             return what + ", no training features"
         if self.fits_on == "val":
@@ -206,6 +240,8 @@ class Detector(ABC):
         """Why this detector cannot be exported as tensor arithmetic, or None when it can."""
         if self.needs == "model":
             return "it must see the input image, not only the features"
+        if self.layer_reduction is not None:
+            return "it reads intermediate layers, which the exported graph does not compute"
         if type(self).tensor_score is Detector.tensor_score:
             return "its score is not plain tensor arithmetic"
         return None
@@ -285,6 +321,21 @@ def _head_state(head: nn.Linear) -> dict[str, Tensor]:
     """The head's weight and bias (zeros without one) as float32 CPU copies: every fitted state starts with them."""
     return {"weight": head.weight.detach().float().cpu().clone(),
             "bias": (head.bias.detach() if head.bias is not None else torch.zeros(head.out_features)).float().cpu().clone()}
+
+
+def layer_list(value: Any) -> tuple[str, ...] | None:
+    """A ``layers`` parameter: None (the model's stages), or layer paths as a sequence or a comma list (``"2,9"``;
+    the CLI's ``--param det.layers=2,9`` gives the tuple ``(2, 9)``), as a tuple of names."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+    if isinstance(items, int) and not isinstance(items, bool):
+        items = [items]
+    if not isinstance(items, (list, tuple)) or not items or not all(
+            isinstance(v, str) and v or isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise ValueError(f"layers must be layer paths such as '2,9' or ['layer3', 'layer4'], got {value!r} "
+                         "(quote a dotted path on the command line: layers='\"4.10\"')")
+    return tuple(str(v) for v in items)
 
 
 def _check_features(feats: FeatureSource, what: str) -> None:
@@ -397,5 +448,6 @@ def fit_detector(detector: Detector, model: Classifier, model_id: str, suite: Su
     data = fit_data(detector, suite)
     feats = None
     if detector.feature_sets() - {"eval"}:
-        feats = (cache or FeatureCache()).get(model, model_id, data, batch_size, device, lazy=True)
+        feats = (cache or FeatureCache()).get(model, model_id, data, batch_size, device, lazy=True,
+                                              layers=detector.layer_taps(model, data))
     return detector.fit_on(model, data, feats, device=device)

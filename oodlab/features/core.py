@@ -8,8 +8,8 @@ implements over on-disk shards too. So a fit at ImageNet size needs memory for o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -32,13 +32,16 @@ class Features:
     """Penultimate features ``z`` (N, D), ``logits`` (N, C) and ``labels`` (N,) or None for OOD data.
 
     ``skipped`` lists the indices (in the data set) of images that could not be read: their rows are
-    absent, so row ``i`` belongs to the ``i``-th readable item.
+    absent, so row ``i`` belongs to the ``i``-th readable item. ``layers`` holds features of intermediate
+    layers captured in the same pass (``"<layer>:<reduction>"`` -> (N, K), see :mod:`oodlab.features.layers`);
+    :meth:`layer` gives one of them as the ``z`` of a :class:`Features` with the same logits and labels.
     """
 
     z: Tensor
     logits: Tensor
     labels: Tensor | None = None
     skipped: tuple[int, ...] = ()
+    layers: Mapping[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # shapes and dtypes only: NaN / inf are checked where they are read (fit, score)
         tensor("z", self.z, "ND")
@@ -50,6 +53,9 @@ class Features:
             tensor("labels", self.labels, "N", floating=False)
             if self.labels.shape != (self.z.shape[0],):
                 raise ValueError(f"labels must be ({self.z.shape[0]},), got {tuple(self.labels.shape)}")
+        for name, x in self.layers.items():
+            if x.dim() != 2 or x.shape[0] != self.z.shape[0]:
+                raise ValueError(f"layer features {name} must be ({self.z.shape[0]}, K), got {tuple(x.shape)}")
 
     def __len__(self) -> int:
         return self.z.shape[0]
@@ -78,6 +84,12 @@ class Features:
         """These features in memory (they already are)."""
         return self
 
+    def layer(self, name: str) -> Features:
+        """The features of intermediate layer ``name`` (a key of :attr:`layers`) as ``z``, with these logits and labels."""
+        if name not in self.layers:
+            raise ValueError(missing_layer(name, self.layers))
+        return Features(self.layers[name], self.logits, self.labels, self.skipped)
+
     def chunks(self, rows: int | None = None) -> Iterator[Features]:
         """Consecutive row blocks of at most ``rows`` rows (default :func:`chunk_rows`), as views."""
         rows = rows or chunk_rows(self.dim)
@@ -96,4 +108,12 @@ class Features:
             yield self.z[order[i:i + batch_size]]
 
     def _rows(self, idx: slice | Tensor) -> Features:
-        return Features(self.z[idx], self.logits[idx], self.labels[idx] if self.labels is not None else None)
+        return Features(self.z[idx], self.logits[idx], self.labels[idx] if self.labels is not None else None,
+                        layers={k: v[idx] for k, v in self.layers.items()})
+
+
+def missing_layer(name: str, have: Mapping[str, object]) -> str:
+    """The one-line message for features that lack the layer features ``name``."""
+    held = ", ".join(sorted(have)) or "none"
+    return (f"these features hold no layer features {name!r} (they hold: {held}); extract them with the detector's "
+            "layers (FeatureCache.get(..., layers=detector.layer_taps(model, data)))")

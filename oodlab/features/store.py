@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ..runtime import atomic_path, atomic_write_text, file_sha256, save_safetensors
-from .core import Features, chunk_rows
+from .core import Features, chunk_rows, missing_layer
 
 __all__ = ["StoredFeatures", "shard_paths", "write_shard", "check_shard", "write_features"]
 
@@ -76,15 +76,30 @@ def check_shard(entry: Path, k: int, key: dict[str, str], items: tuple[int, int]
 def write_features(entry: str | Path, shards: Iterable[Features], key: dict[str, str] | None = None,
                    storage: torch.dtype = torch.float32) -> StoredFeatures:
     """Write ``shards`` (each one :class:`Features`, in order) as the entry folder ``entry`` and open it:
-    how features made outside an extraction (e.g. synthetic ones) get into the on-disk format."""
+    how features made outside an extraction (e.g. synthetic ones) get into the on-disk format. Their
+    intermediate-layer features go to entries of their own beside it (``ENTRY.layer-<name>``), as the cache
+    keeps them."""
     entry = Path(entry)
-    entry.mkdir(parents=True, exist_ok=True)
     key = key or {"name": entry.name}
     records, start = [], 0
+    layers: dict[str, list[dict]] = {}
     for k, feats in enumerate(shards):
+        entry.mkdir(parents=True, exist_ok=True)
         records.append(write_shard(entry, k, key, (start, start + len(feats)), feats, storage))
+        for name, x in feats.layers.items():
+            sub = _layer_entry(entry, name)
+            sub.mkdir(parents=True, exist_ok=True)
+            layers.setdefault(name, []).append(write_shard(sub, k, {**key, "layer": name}, (start, start + len(feats)),
+                                                           Features(x, feats.logits, feats.labels, feats.skipped),
+                                                           storage))
         start += len(feats)
-    return StoredFeatures(entry, records)
+    stored = StoredFeatures(entry, records)
+    stored.layers = {name: StoredFeatures(_layer_entry(entry, name), recs) for name, recs in layers.items()}
+    return stored
+
+
+def _layer_entry(entry: Path, name: str) -> Path:
+    return entry.with_name(f"{entry.name}.layer-{name.replace(':', '-')}")
 
 
 class StoredFeatures:
@@ -104,6 +119,14 @@ class StoredFeatures:
         for r in records:
             self._offsets.append(self._offsets[-1] + int(r["rows"]))
         self._labels: Tensor | None = None
+        #: tap name -> the entry holding that intermediate layer's features (:meth:`FeatureCache.get` sets them)
+        self.layers: dict[str, StoredFeatures] = {}
+
+    def layer(self, name: str) -> StoredFeatures:
+        """The features of intermediate layer ``name`` as ``z`` (their own entry, with the same logits and labels)."""
+        if name not in self.layers:
+            raise ValueError(missing_layer(name, self.layers))
+        return self.layers[name]
 
     def __len__(self) -> int:
         return self._offsets[-1]
@@ -195,4 +218,5 @@ class StoredFeatures:
         """All shards in one in-memory :class:`Features`."""
         parts = [self.shard(k) for k in range(len(self.records))]
         labels = self.labels
-        return Features(torch.cat([p.z for p in parts]), torch.cat([p.logits for p in parts]), labels, self.skipped)
+        return Features(torch.cat([p.z for p in parts]), torch.cat([p.logits for p in parts]), labels, self.skipped,
+                        {name: entry.load().z for name, entry in self.layers.items()})

@@ -34,6 +34,7 @@ from ..data.base import ImageSet
 from ..data.preprocessing import Preprocessing
 from ..detectors.base import Detector, load_detector
 from ..features import Features, extract
+from ..features.extraction import batch_features, layer_paths
 from ..models.adapter import Classifier, inference_input
 from ..models.zoo import load_checkpoint, save_checkpoint, state_fingerprint
 from .. import validate
@@ -145,12 +146,14 @@ class Guard:
     def __call__(self, x: Tensor, fdr: float | None = None) -> GuardOutput:
         """Decisions for a batch of images ``x`` (N, C, H, W) in [0, 1]."""
         self._check_batch(x)
+        layers = self.detector.taps
         if self._fast is None:
-            self._fast = self.model.for_inference().to(self.device)
+            self._fast = self.model.for_inference(keep=layer_paths(self.model, layers)).to(self.device)
         xd = inference_input(x, self.device)
-        z = self._fast.features(xd)
-        logits = self._fast.head(z).float().cpu()
-        scores = self.detector.score_batch(self._fast, xd, Features(z.float().cpu(), logits))
+        z, logits, seen = batch_features(self._fast, xd, layers)
+        logits = logits.float().cpu()
+        scores = self.detector.score_batch(self._fast, xd, Features(z.float().cpu(), logits,
+                                                                    layers={k: v.cpu() for k, v in seen.items()}))
         return self.decide(logits, scores, fdr)
 
     def predict(self, images: ImageSet | Features, fdr: float | None = None, strict: bool = False) -> GuardOutput:
@@ -182,7 +185,8 @@ class Guard:
         if tuple(first.shape) != self.input_shape:
             raise ValueError(f"{data.name} has images of shape {tuple(first.shape)}; this guard's model takes "
                              f"{self.input_shape} (channels, height, width)")
-        feats = extract(self.model, data, device=self.device, strict=strict)
+        feats = extract(self.model, data, device=self.device, strict=strict,
+                        layers=self.detector.layer_taps(self.model, data))
         return feats.logits, self.detector.score_on(self.model, data, feats, device=self.device), feats.skipped
 
     def _check_batch(self, x: Tensor) -> None:

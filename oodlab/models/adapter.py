@@ -9,10 +9,11 @@ classifier, so data sets stay in [0, 1] and input-space perturbations (ODIN) are
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.fx.experimental.optimization import fuse
 
 from ..data.base import ImageSet
@@ -42,6 +43,17 @@ class _Fn(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._fn(x)
+
+
+class _KeepTracer(fx.Tracer):
+    """fx tracer that keeps the named modules whole (leaves), so hooks on them still fire after tracing."""
+
+    def __init__(self, keep: set[str]) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.keep or super().is_leaf_module(m, qualname)
 
 
 class Classifier(nn.Module):
@@ -100,6 +112,14 @@ class Classifier(nn.Module):
         conv = next((m for m in self.body.modules() if isinstance(m, nn.Conv2d)), None)
         return conv.in_channels if conv is not None else None
 
+    @staticmethod
+    def item_shape(data: ImageSet) -> tuple[int, ...]:
+        """The shape of ``data``'s items: its preprocessing's when its files are read with one (no decoding),
+        else the first item's."""
+        ds = data.dataset
+        prep = getattr(ds, "prep", None) or getattr(getattr(ds, "dataset", None), "prep", None)
+        return tuple(prep.input_shape) if prep is not None else tuple(ds[0][0].shape)
+
     @torch.no_grad()
     def check_input(self, data: ImageSet) -> None:
         """Refuse, in one line naming expected vs got, a data set whose images this model cannot take
@@ -107,9 +127,7 @@ class Classifier(nn.Module):
         model's input size is unknown, sends that one image through the network."""
         if len(data) == 0:
             raise ValueError(f"{data.name} is empty: there are no images to extract features from")
-        ds = data.dataset  # files read with a Preprocessing have its shape: no need to decode one
-        prep = getattr(ds, "prep", None) or getattr(getattr(ds, "dataset", None), "prep", None)
-        got = tuple(prep.input_shape) if prep is not None else tuple(ds[0][0].shape)
+        got = self.item_shape(data)
         if len(got) != 3:
             raise ValueError(f"{data.name} has items of shape {got}; the model takes images (channels, height, width)")
         if self.input_shape is not None:
@@ -134,20 +152,81 @@ class Classifier(nn.Module):
         finally:
             self.train(was_training)
 
-    def for_inference(self) -> "Classifier":
+    def for_inference(self, keep: Sequence[str] = ()) -> "Classifier":
         """An eval-mode copy that computes the same function faster: for feature extraction and scoring.
 
         Batch norms are folded into the convolutions before them (``torch.fx`` fusion; a body that
         fx cannot trace is kept as it is) and weights use the channels-last layout, which oneDNN's
         CPU convolutions run about twice as fast. Outputs agree with this model's up to float
-        rounding. Feed it inputs from :func:`inference_input`.
+        rounding. Feed it inputs from :func:`inference_input`. ``keep``: body layers (see :meth:`layer`)
+        that :meth:`capture` will read; they are traced as single modules so that they stay addressable, and
+        fusion is skipped when it would remove one of them (a batch norm folded into its convolution).
         """
         clf = copy.deepcopy(self).eval()
         try:
-            clf.body = fuse(clf.body)
+            traced = _KeepTracer(set(keep)).trace(clf.body)
+            fused = fuse(fx.GraphModule(clf.body, traced), no_trace=True)
+            names = dict(fused.named_modules())
+            if all(path in names for path in keep):
+                clf.body = fused
         except Exception:  # noqa: BLE001 - fx tracing fails in many ways on dynamic code; fusion is optional
             pass
+        for path in keep:  # a kept layer is fused on its own when no other kept layer lies inside it
+            if path in dict(clf.body.named_modules()) and not any(k.startswith(path + ".") for k in keep):
+                try:
+                    clf.body.set_submodule(path, fuse(clf.body.get_submodule(path)))
+                except Exception:  # noqa: BLE001 - as above
+                    pass
         return clf.to(memory_format=torch.channels_last)
+
+    # -- intermediate layers ------------------------------------------------------------------------
+    def layer(self, path: str) -> nn.Module:
+        """The body's module at ``path`` (a name of ``body.named_modules()``, e.g. ``"4"`` or ``"4.1.conv2"``);
+        ValueError naming the layers it has when there is none."""
+        modules = dict(self.body.named_modules())
+        if path not in modules or path == "":
+            top = ", ".join(n for n, _ in self.body.named_children()) or "none"
+            deeper = next((n for n in modules if "." in n), None)
+            raise ValueError(f"the model has no layer {path!r}; its body's layers are {top}"
+                             + (f" (deeper ones by dotted path, e.g. {deeper!r})" if deeper else ""))
+        return modules[path]
+
+    @torch.no_grad()
+    def stages(self, input_shape: Sequence[int]) -> list[str]:
+        """The body's top-level layers that end a stage: each one after which the feature map's spatial size
+        changes, and the last. For torchvision ResNets: the stem's ReLU and layer1-layer4; these are the
+        layers multi-layer detectors (Mahalanobis ensemble, Gram) read by default, as their papers do."""
+        children = list(self.body.named_children())
+        if not children:
+            raise ValueError("the model's body has no named layers: give the detector's layers explicitly")
+        sizes: dict[str, tuple[int, ...]] = {}
+        hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: sizes.__setitem__(name, tuple(out.shape[2:])))
+                 for name, m in children]
+        was_training = self.training
+        self.eval()
+        param = next(self.parameters(), None)
+        try:
+            self.feature_map(torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu"))
+        finally:
+            for h in hooks:
+                h.remove()
+            self.train(was_training)
+        order = [name for name, _ in children if name in sizes]
+        return [a for a, b in zip(order, order[1:]) if sizes[a] != sizes[b]] + order[-1:]
+
+    @contextmanager
+    def capture(self, reductions: Mapping[str, Callable[[Tensor], Tensor]]) -> Iterator[dict[str, Tensor]]:
+        """While open, every forward pass stores ``reductions[path](output of layer path)`` under ``path`` in the
+        dict it yields (the reduction runs inside the hook, before a later in-place operation can change the
+        output). Paths are those of :meth:`layer`."""
+        out: dict[str, Tensor] = {}
+        hooks = [self.layer(path).register_forward_hook(
+            lambda _m, _i, o, path=path, fn=fn: out.__setitem__(path, fn(o))) for path, fn in reductions.items()]
+        try:
+            yield out
+        finally:
+            for h in hooks:
+                h.remove()
 
     # -- wrapping networks built elsewhere ------------------------------------------------------
     @classmethod

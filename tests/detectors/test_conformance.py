@@ -64,7 +64,17 @@ def test_paper_defaults():
                                "num_samples": 5000},
                 "adascale-l": {"p_min": 75.0, "p_max": 85.0, "lmbda": 10.0, "k1": 1.0, "k2": 5.0, "o": 0.05, "eps": 0.5,
                                "num_samples": 5000},
-                "entropy": {}, "weighted-energy": {"weights": None}}
+                "entropy": {}, "weighted-energy": {"weights": None},
+                "openmax": {"tail_size": 20, "alpha": 3, "distance": "euclidean", "eu_weight": 0.5, "translate": 1.0},
+                "weiper": {"n_repeats": 100, "perturbation_distance": 1.8, "seed": 0},
+                "weiper-kld": {"n_repeats": 100, "perturbation_distance": 1.8, "n_bins": 100, "smoothing": 4,
+                               "smoothing_perturbed": 15, "lambda_1": 2.5, "lambda_2": 0.1, "eps": 0.01,
+                               "eps_perturbed": 0.025, "seed": 0},
+                "neco": {"dim": None, "max_logit": True, "raw_norm": False, "standardize": True},
+                "mds-ensemble": {"layers": None, "alpha": None, "feature_type": "mean"},
+                "gram": {"layers": None, "powers": 5, "val_fraction": 0.1, "msp_weighted": True, "seed": 0}, "rankfeat": {},
+                "cadref": {"logit_score": "energy"}, "grood": {"noise": "mean", "k": 1, "fraction": 1.0, "seed": 0},
+                "gmm": {"components": 50, "covariance": "tied", "dim": 50, "reg": 1e-6, "max_samples": 100_000, "seed": 0}}
     for name, config in defaults.items():
         assert create(name).config() == config, name
     assert {n for n in available() if REGISTRY[n].fits_on == "val"} == {"klm", "temp-scaling", "adascale-a",

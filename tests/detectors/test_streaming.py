@@ -21,10 +21,10 @@ def stored(feats: Features, path, shard_rows: int) -> StoredFeatures:
 
 @pytest.mark.parametrize("name", FITTED)
 def test_streaming_fit_equals_in_memory_fit(name, tiny, tmp_path, monkeypatch):
-    memory = create(name).fit(tiny.train, tiny.model.head)
+    memory = create(name).fit_on(tiny.model, tiny.train_set, tiny.train, device="cpu")
     monkeypatch.setattr(core, "CHUNK_BYTES", 8 * tiny.train.dim * 5)  # chunks of 5 rows
     disk = stored(tiny.train, tmp_path / "train", len(tiny.train) if name == "flow" else 13)
-    streamed = create(name).fit(disk, tiny.model.head)
+    streamed = create(name).fit_on(tiny.model, tiny.train_set, disk, device="cpu")
     assert memory.state.keys() == streamed.state.keys()
     for k, v in memory.state.items():
         # float64 sums in another order; relative to the largest entry, since a near-singular covariance's

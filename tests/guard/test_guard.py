@@ -136,3 +136,15 @@ def test_drift_report(guard, tiny):
     assert not ok.drift and ok.n == len(tiny.test_set)
     drifted = guard.flag_rate_report(tiny.ood_set)  # OOD presented as if it were ID
     assert drifted.drift and drifted.rate > 2 * drifted.expected
+
+
+def test_a_detector_of_intermediate_layers_guards_and_says_why_it_does_not_export(tiny, tmp_path):
+    det = create("mds-ensemble").fit_on(tiny.model, tiny.train_set, device="cpu")
+    guard = Guard(tiny.model, det, (1, 8, 8), device="cpu").calibrate(tiny.test_set, alpha=0.2)
+    out, again = guard.predict(tiny.ood_set), guard(_images(tiny.ood_set))  # the batch path captures the layers too
+    assert torch.allclose(out.score, again.score.double(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.score, det.score(tiny.ood))
+    loaded = Guard.load(guard.save(tmp_path / "g"), model=tiny.model, device="cpu")
+    assert loaded.detector.layers == det.layers and torch.equal(loaded.predict(tiny.ood_set).score, out.score)
+    with pytest.raises(Exception, match="it reads intermediate layers, which the exported graph does not compute"):
+        guard.export(tmp_path / "g.onnx")
