@@ -9,31 +9,24 @@ benchmarks leave in their run folders (mean ± sd over their seeds, and how many
 near) and ``benchmarks/unleashing_mask.py`` (the intermediate stage, UM). A claim whose benchmark has not
 run on the current suites says so instead of a number. Usage::
 
-    python benchmarks/claims.py [--boot 1000] [--no-doc]
+    python benchmarks/claims.py [--boot 1000] [--no-write]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from results_doc import write_section
+from harness import default_model, parser, read_rows, table, threads, write_section
 
 from oodlab.data.suites import Suite, load_suite
 from oodlab.detectors import create
 from oodlab.features import extract
 from oodlab.metrics import auroc, fpr_at_tpr
-from oodlab.models.zoo import load_checkpoint
-from oodlab.training.recipes import default_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
 #: (ours, reference, the paper's words and numbers, metric, direction the paper claims: -1 = lower is better)
 POST_HOC = [
     ("ash-s", "energy", "ASH (Djurisic et al. 2023), ImageNet ResNet-50, 4-set mean: ASH-S@90 FPR95 22.80 vs "
@@ -79,8 +72,7 @@ def paired_bootstrap(scores: dict[str, dict[str, np.ndarray]], a: str, b: str, s
 
 
 def post_hoc(suite: Suite, n_boot: int) -> tuple[list[list[str]], str, dict[str, Any]]:
-    ckpt = default_checkpoint(suite)
-    model, _ = load_checkpoint(ckpt)
+    model = default_model(suite).model
     train, test = extract(model, suite.id_train), extract(model, suite.id_test)
     oods = {n: extract(model, data) for n, data in suite.ood.items()}
     names = sorted({d for a, b, *_ in POST_HOC for d in (a, b)})
@@ -97,8 +89,7 @@ def post_hoc(suite: Suite, n_boot: int) -> tuple[list[list[str]], str, dict[str,
         rows.append([f"{ours} vs {ref}: lower FPR95", paper,
                      f"Δ FPR95 {f[0]:+.2f} [{f[1]:+.2f}, {f[2]:+.2f}]; Δ AUROC {a[0]:+.2f} [{a[1]:+.2f}, {a[2]:+.2f}]",
                      _verdict(f, lower_is_claimed=True)])
-    sweep = ["| percentile | " + " | ".join(f"{p}" for p in ASH_PERCENTILES) + " |",
-             "|---" * (len(ASH_PERCENTILES) + 1) + "|"]
+    sweep = []
     energy = scores["energy"]
     for variant in ("ash-s", "ash-p", "ash-b"):
         cells = []
@@ -107,10 +98,10 @@ def post_hoc(suite: Suite, n_boot: int) -> tuple[list[list[str]], str, dict[str,
             s = {"id": det.score(test).numpy(), **{n: det.score(oods[n]).numpy() for n in sets}}
             nat = np.mean([[auroc(s["id"], s[n]), fpr_at_tpr(s["id"], s[n])] for n in sets], axis=0) * 100
             cells.append(f"{nat[0]:.2f} / {nat[1]:.2f}")
-        sweep.append(f"| {variant} | " + " | ".join(cells) + " |")
+        sweep.append([variant, *cells])
     e = np.mean([[auroc(energy["id"], energy[n]), fpr_at_tpr(energy["id"], energy[n])] for n in sets], axis=0) * 100
     text = (f"ASH by percentile, {suite.name} default checkpoint ({train.dim}-d pooled features), natural-mean AUROC / "
-            f"FPR95 in % (Energy: {e[0]:.2f} / {e[1]:.2f}):\n\n" + "\n".join(sweep))
+            f"FPR95 in % (Energy: {e[0]:.2f} / {e[1]:.2f}):\n\n" + table(["percentile", *map(str, ASH_PERCENTILES)], sweep))
     return rows, text, raw
 
 
@@ -154,7 +145,7 @@ def greg_rows(suite: Suite, folder: Path) -> list[list[str]]:
     if not rows_path.exists():
         return [[f"{m} vs Energy-OE: lower FPR95", claim, "not measured: run benchmarks/train_outliers.py", "-"]
                 for m in ("GReg", "GReg+")]
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    rows = read_rows(rows_path)
     sets = [n for n in natural_sets(suite) if all(f"energy/{n}" in r for r in rows)]
     by = {(r["method"], r["seed"]): r for r in rows}
     out = []
@@ -177,7 +168,7 @@ def flow_rows(folder: Path) -> list[list[str]]:
     if not rows_path.exists():
         return [["flow: one epoch >= ten", claim_epochs, "not measured: run benchmarks/flow.py", "-"],
                 ["flow: far AUROC > near AUROC", claim_near, "not measured: run benchmarks/flow.py", "-"]]
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    rows = read_rows(rows_path)
     out = []
     for suite_name in ("fashionmnist", "fashionmnist-split"):
         suite = load_suite(suite_name)
@@ -245,22 +236,19 @@ def um_rows(folder: Path) -> list[list[str]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, threads=2)
     ap.add_argument("--boot", type=int, default=1000, help="bootstrap resamples")
     ap.add_argument("--train-outliers", default="runs/train_outliers", help="train_outliers.py's --out")
     ap.add_argument("--flow", default="runs/flow-bench", help="flow.py's --out")
     ap.add_argument("--unleashing-mask", default="runs/unleashing_mask", help="unleashing_mask.py's --out")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-doc", action="store_true")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    threads(a.threads)
     suite = load_suite("fashionmnist")
     rows, sweep, _ = post_hoc(suite, a.boot)
     rows += greg_rows(suite, Path(a.train_outliers))
     rows += flow_rows(Path(a.flow))
     rows += um_rows(Path(a.unleashing_mask))
-    table = "\n".join(["| claim tested | the paper | ours: difference [95% interval] or mean ± sd | verdict |",
-                       "|---|---|---|---|", *(f"| {' | '.join(r)} |" for r in rows)])
+    claims = table(["claim tested", "the paper", "ours: difference [95% interval] or mean ± sd", "verdict"], rows)
     body = (f"Our numbers are on the small CNN of the Fashion-MNIST suites (128-d pooled features), on the natural OOD "
             f"sets ({', '.join(natural_sets(suite))}); the synthetic noise sets ({', '.join(suite.synthetic)}) are left "
             "out, since they swing by tens of points between checkpoints. Post-hoc rows: the difference of the "
@@ -269,11 +257,10 @@ def main() -> None:
             "holds when the whole interval lies on its side. Training rows: mean ± sd of the per-seed differences; "
             "a claim holds when every seed agrees. The papers' numbers are from ImageNet / CIFAR models with "
             "512-2048-d features, so a claim that fails here says that it does not transfer to a 128-d CNN on 28x28 "
-            f"images, not that the paper is wrong.\n\n{table}\n\n{sweep}\n")
+            f"images, not that the paper is wrong.\n\n{claims}\n\n{sweep}\n")
     print(body)
-    if not a.no_doc:
-        write_section("claims", "Do the papers' claims hold here?",
-                      shlex.join(["python", "benchmarks/claims.py", *sys.argv[1:]]), body)
+    if not a.no_write:
+        write_section("claims", "Do the papers' claims hold here?", body)
 
 
 if __name__ == "__main__":

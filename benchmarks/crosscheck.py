@@ -18,9 +18,6 @@ Needs ``pytorch-ood==0.4.0`` (the ``bench`` extra: ``pip install -e '.[bench]'``
 
 from __future__ import annotations
 
-import argparse
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,24 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from results_doc import write_section
+from harness import PYOOD_VERSION, default_model, escape, parser, pytorch_ood, table, write_section
 
-PYOOD_VERSION = "0.4.0"
 TOLERANCE = 0.1  # AUROC points (%) within which two implementations of one definition must agree
-
-
-def require_pytorch_ood():
-    """pytorch-ood 0.4.0, or exit with a message saying how to install it."""
-    try:
-        import pytorch_ood
-    except ImportError:
-        sys.exit(f"benchmarks/crosscheck.py needs pytorch-ood=={PYOOD_VERSION}, which is not installed: "
-                 f"pip install 'pytorch-ood=={PYOOD_VERSION}' (or the bench extra: pip install -e '.[bench]'; "
-                 "add --no-deps if it would replace your torch)")
-    if pytorch_ood.__version__ != PYOOD_VERSION:
-        sys.exit(f"benchmarks/crosscheck.py compares against pytorch-ood {PYOOD_VERSION}, found "
-                 f"{pytorch_ood.__version__}: pip install 'pytorch-ood=={PYOOD_VERSION}'")
-    return pytorch_ood
 
 
 @dataclass
@@ -232,35 +214,27 @@ _FIT: dict[str, tuple[float, float]] = {}  # fitted temperatures and their held-
 
 
 def load_data(suite_name: str, train_subset: int | None) -> tuple[Data, str]:
-    from oodlab.data import load_suite
-    from oodlab.features import FeatureCache
-    from oodlab.models import checkpoint_fingerprint, load_checkpoint
-    from oodlab.training.recipes import default_checkpoint
-
-    suite = load_suite(suite_name)
-    ckpt = default_checkpoint(suite)
-    model, _ = load_checkpoint(ckpt)
-    cache, mid = FeatureCache(), checkpoint_fingerprint(ckpt)
-    train = cache.get(model, mid, suite.id_train)
+    default = default_model(suite_name)
+    suite, get = default.suite, default.features
+    train = get(suite.id_train)
     if train_subset:
         train = train.take(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:train_subset].sort().values)
     held = suite.held_out()
-    data = Data(train, cache.get(model, mid, held), cache.get(model, mid, suite.id_test),
-                {k: cache.get(model, mid, v) for k, v in suite.ood.items()}, model.head.eval().float().cpu())
-    about = (f"Suite `{suite_name}`, default checkpoint `{ckpt.name}` ({mid}): ID train {len(train)} x {train.dim}, "
+    data = Data(train, get(held), get(suite.id_test), {k: get(v) for k, v in suite.ood.items()},
+                default.model.head.eval().float().cpu())
+    about = (f"Suite `{suite_name}`, default checkpoint `{default.checkpoint.name}` ({default.model_id}): ID train "
+             f"{len(train)} x {train.dim}, "
              f"held-out ID `{held.name}` ({len(held)}, for KL-Matching and temperature scaling), ID test "
              f"{len(data.test)}, OOD: " + ", ".join(f"{k} ({len(v)})" for k, v in data.oods.items()) + ".")
     return data, about
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", default="fashionmnist")
+    ap = parser(__doc__, suite="fashionmnist")
     ap.add_argument("--methods", help="comma list of method names (default: all)")
     ap.add_argument("--train-subset", type=int, help="fit on a seeded subset of this many ID-train features")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not write docs/results")
     a = ap.parse_args()
-    po = require_pytorch_ood()
+    po = pytorch_ood()
     from oodlab.metrics import auroc
 
     data, about = load_data(a.suite, a.train_subset)
@@ -269,8 +243,7 @@ def main() -> None:
         wanted = {m.lower() for m in a.methods.split(",")}
         todo = [c for c in todo if c.method.lower() in wanted]
     oods = list(data.oods)
-    summary = ["| method | setting | oodlab AUROC | pytorch-ood AUROC | max \\|Δ\\| | verdict / note |", "|---|---|---|---|---|---|"]
-    detail = ["| method | setting | " + " | ".join(oods) + " |", "|---" * (len(oods) + 2) + "|"]
+    summary, detail = [], []
     t_all = time.perf_counter()
     for c in todo:
         t0 = time.perf_counter()
@@ -283,21 +256,20 @@ def main() -> None:
         else:
             verdict = f"{c.differs}: {c.note}"
         verdict = verdict.replace("{fit}", ", ".join(f"{k} = {t:.4f} (NLL {v:.6f})" for k, (t, v) in _FIT.items()))
-        verdict = verdict.replace("|", "\\|")  # norms in the notes: keep the table's columns
         mean_o, mean_t = np.mean(list(a_ours.values())), np.mean(list(a_theirs.values()))
-        summary.append(f"| {c.method} | {c.setting} | {mean_o:.2f} | {mean_t:.2f} | {delta:.3f} | {verdict} |")
-        detail.append(f"| {c.method} | {c.setting} | " + " | ".join(f"{a_ours[o]:.2f} / {a_theirs[o]:.2f}" for o in oods) + " |")
-        print(summary[-1], f"({time.perf_counter() - t0:.1f} s)", flush=True)
+        summary.append([c.method, c.setting, f"{mean_o:.2f}", f"{mean_t:.2f}", f"{delta:.3f}", escape(verdict)])
+        detail.append([c.method, c.setting, *(f"{a_ours[o]:.2f} / {a_theirs[o]:.2f}" for o in oods)])
+        print(*summary[-1], f"({time.perf_counter() - t0:.1f} s)", flush=True)
     seconds = time.perf_counter() - t_all
     body = (f"{about} AUROC in %, the mean over the OOD sets; max |Δ| is the largest per-set difference between the "
             f"two libraries in AUROC points; a row whose definitions agree must stay within {TOLERANCE}. Both "
             f"libraries score the same cached float32 features with the same head; oodlab's detectors with their "
             f"paper defaults unless the setting says otherwise. {len(todo)} comparisons in {seconds:.0f} s.\n\n"
-            + "\n".join(summary) + "\n\nPer OOD set (oodlab / pytorch-ood AUROC):\n\n" + "\n".join(detail) + "\n")
+            + table(["method", "setting", "oodlab AUROC", "pytorch-ood AUROC", "max \\|Δ\\|", "verdict / note"], summary)
+            + "\n\nPer OOD set (oodlab / pytorch-ood AUROC):\n\n" + table(["method", "setting", *oods], detail) + "\n")
     print("\n" + body)
     if not a.no_write and not a.methods:
-        write_section("crosscheck", f"oodlab against pytorch-ood {PYOOD_VERSION} on the same features",
-                      shlex.join(["python", "benchmarks/crosscheck.py", *sys.argv[1:]]), body)
+        write_section("crosscheck", f"oodlab against pytorch-ood {PYOOD_VERSION} on the same features", body)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")  # OpenOOD's setup loops show tqdm bars unconditionally
 os.environ.setdefault("OODLAB_QUIET", "1")
 
-import argparse
 import contextlib
 import dataclasses
 import importlib.abc
@@ -57,7 +56,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, Dataset
 
-from results_doc import write_section
+from harness import ROOT, escape, parser, table, threads, write_section
 
 TOLERANCE = 0.1  # AUROC points (%) within which two implementations of one definition must agree
 BATCH = 200  # OpenOOD's Evaluator batch size
@@ -272,7 +271,7 @@ def prepare(a) -> tuple[Run, str]:
     sizes = ", ".join(f"{names.get(r, r)} {len(s)}" + (f"/{full[r]}" if len(s) < full[r] else "")
                       for r, s in sets.items())
     spec = str(loaded.spec)
-    root = str(Path(__file__).resolve().parent.parent) + os.sep
+    root = str(ROOT) + os.sep
     spec = spec[len(root):] if spec.startswith(root) else spec  # the shipped default model: a path in the repo
     about = (f"Model `{spec}` ({loaded.model_id}; {clf.feature_dim}-d features, {clf.num_classes} classes, "
              f"input {tuple(loaded.input_shape)}), suite `{small.name}`; images per set (seeded subsets, seed "
@@ -486,13 +485,12 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, suite="fashionmnist")
     ap.add_argument("--openood-src", required=True, type=Path,
                     help="a checkout of OpenOOD's code (github:Jingkang50/OpenOOD)")
     ap.add_argument("--openood-commit", help="its commit, when DIR is not a git checkout")
     ap.add_argument("--model", help="oodlab model spec (default: the suite's shipped default model)")
     ap.add_argument("--weights", help="weights file for --model")
-    ap.add_argument("--suite", default="fashionmnist", help="an oodlab suite name or a suite .toml file")
     ap.add_argument("--max-per-set", type=int, default=2000, help="seeded subset of each data set (0: all)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the subsets")
     ap.add_argument("--methods", help="comma list of OpenOOD postprocessor names (default: all)")
@@ -500,13 +498,12 @@ def main() -> None:
     ap.add_argument("--random-resnet18-32x32", type=int, metavar="N", help="instead of --model/--suite: OpenOOD's "
                     "ResNet18_32x32 layout with seeded random weights on a generated stand-in of its CIFAR-10 tree "
                     "(N 36x40 noise images per list, tests/openood_tree.py), written to a temporary folder")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not write docs/results")
     a = ap.parse_args()
     section, title = "crosscheck_openood", "Cross-check against OpenOOD's own postprocessors"
     if a.random_resnet18_32x32:
         import tempfile
 
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        sys.path.insert(0, str(ROOT / "tests"))
         from openood_tree import make_openood_tree, resnet18_32x32_state
 
         tmp = Path(tempfile.mkdtemp(prefix="crosscheck-openood-"))
@@ -514,18 +511,16 @@ def main() -> None:
         torch.save(resnet18_32x32_state(10, seed=0), tmp / "best.ckpt")
         a.model, a.weights, a.suite, a.data_root = "openood:resnet18_32x32", str(tmp / "best.ckpt"), "cifar10", tmp / "data"
         section, title = "crosscheck_openood_resnet18", title + ": random-weight openood:resnet18_32x32, generated 32x32 images"
-    torch.set_num_threads(1)
+    threads(1)
     t_all = time.perf_counter()
     src = a.openood_src.resolve()
     sha, sha_from = openood_commit(src, a.openood_commit)
     stubbed, _ = import_openood(src)
-    import faiss
     from openood.evaluators.metrics import compute_all_metrics
     from openood.postprocessors.info import num_classes_dict
     from openood.preprocessors.transform import normalization_dict
     from oodlab.metrics import evaluate
 
-    faiss.omp_set_num_threads(1)
     run, about = prepare(a)
     num_classes_dict[run.id_name] = run.clf.num_classes  # MDS, RMDS, GradNorm, KLM, SHE look the class count up
     mean = run.clf.mean.flatten().tolist()
@@ -541,10 +536,7 @@ def main() -> None:
     fills = {"vim_dim": str(_vim_dim(run, 256)), "res_dim": str(_vim_dim(run, 512)),
              "n_train": str(len(run.sets["train"])), "dim": str(run.clf.feature_dim),
              "rank": str(len(run.sets["train"]) - run.clf.num_classes)}
-    summary = ["| OpenOOD | oodlab | setting | aligned | OpenOOD AUROC | oodlab AUROC | mean \\|Δ\\| | max \\|Δ\\| | "
-               "Spearman | verdict / note |", "|---|---|---|---|---|---|---|---|---|---|"]
-    detail = ["| OpenOOD | oodlab | setting | OOD set | OpenOOD AUROC | oodlab AUROC | \\|Δ\\| | Spearman |",
-              "|---|---|---|---|---|---|---|---|"]
+    summary, detail = [], []
     beyond, n_ok, n_same = [], 0, 0
     cache: dict = {}
     for c in todo:
@@ -581,16 +573,15 @@ def main() -> None:
                           + (c.why.format(**fills) if c.why else "UNEXPLAINED: investigate")
                           + f" (distinct scores over ID test and the OOD sets: OpenOOD {len(np.unique(all_t))}, "
                           f"oodlab {len(np.unique(all_o))}, of {len(all_t)}; Spearman {rho_all:.4f}.)")
-        cell = lambda s: s.replace("|", "\\|")  # noqa: E731  (norms in the notes: keep the table's columns)
         mo, mt = np.mean(list(a_ours.values())), np.mean(list(a_theirs.values()))
-        summary.append(f"| {c.key} | {c.detector} | {cell(setting)} | {cell(aligned) or '-'} | {mt:.2f} | {mo:.2f} | "
-                       f"{np.mean(list(delta.values())):.3f} | {worst:.3f} | {rho_all:.4f} | {cell(verdict)} |")
+        summary.append([c.key, c.detector, escape(setting), escape(aligned) or "-", f"{mt:.2f}", f"{mo:.2f}",
+                        f"{np.mean(list(delta.values())):.3f}", f"{worst:.3f}", f"{rho_all:.4f}", escape(verdict)])
         for o in oods:
-            detail.append(f"| {c.key} | {c.detector} | {cell(setting)} | {o} | {a_theirs[o]:.2f} | {a_ours[o]:.2f} | "
-                          f"{delta[o]:.3f} | {rho[o]:.4f} |")
-        detail.append(f"| {c.key} | {c.detector} | {cell(setting)} | **mean** | {mt:.2f} | {mo:.2f} | "
-                      f"{np.mean(list(delta.values())):.3f} | {np.nanmean(list(rho.values())):.4f} |")
-        print(summary[-1], f"(OpenOOD {t1 - t0:.1f} s, oodlab {t2 - t1:.1f} s)", flush=True)
+            detail.append([c.key, c.detector, escape(setting), o, f"{a_theirs[o]:.2f}", f"{a_ours[o]:.2f}",
+                           f"{delta[o]:.3f}", f"{rho[o]:.4f}"])
+        detail.append([c.key, c.detector, escape(setting), "**mean**", f"{mt:.2f}", f"{mo:.2f}",
+                       f"{np.mean(list(delta.values())):.3f}", f"{np.nanmean(list(rho.values())):.4f}"])
+        print(*summary[-1], f"(OpenOOD {t1 - t0:.1f} s, oodlab {t2 - t1:.1f} s)", flush=True)
     seconds = time.perf_counter() - t_all
     stub_note = (f" Stubbed (not installed, used by no compared method): {', '.join(stubbed)}." if stubbed else "")
     body = (f"OpenOOD v1.5 code at commit `{sha}` (github:Jingkang50/OpenOOD; commit from {sha_from}), imported from "
@@ -606,14 +597,16 @@ def main() -> None:
             f"compute the same definition; a row whose definitions agree must stay within {TOLERANCE}. "
             f"**{n_ok} of {n_same} same-definition rows agree within {TOLERANCE} AUROC points** "
             f"({len(todo)} comparisons in {seconds:.0f} s).\n\n"
-            + "\n".join(summary)
+            + table(["OpenOOD", "oodlab", "setting", "aligned", "OpenOOD AUROC", "oodlab AUROC", "mean \\|Δ\\|",
+                     "max \\|Δ\\|", "Spearman", "verdict / note"], summary)
             + (f"\n\nDifferences beyond {TOLERANCE} AUROC points:\n\n" + "\n".join(beyond) if beyond
                else f"\n\nNo difference beyond {TOLERANCE} AUROC points.")
-            + "\n\nPer OOD set:\n\n" + "\n".join(detail) + "\n")
+            + "\n\nPer OOD set:\n\n" + table(["OpenOOD", "oodlab", "setting", "OOD set", "OpenOOD AUROC",
+                                                  "oodlab AUROC", "\\|Δ\\|", "Spearman"], detail) + "\n")
     print("\n" + body)
     if not a.no_write and not a.methods:
         shown = [("OPENOOD_CHECKOUT" if prev == "--openood-src" else arg) for prev, arg in zip(["", *sys.argv[1:]], sys.argv[1:])]
-        write_section(section, title, shlex.join(["python", "benchmarks/crosscheck_openood.py", *shown]), body)
+        write_section(section, title, body, command=shlex.join(["python", "benchmarks/crosscheck_openood.py", *shown]))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ epochs, test accuracy, fingerprint, torch version and date.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -21,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT, child_env, commit, parser, threads as set_threads
+
 SUITES = ("fashionmnist", "fashionmnist-split")
 
 
@@ -35,14 +34,12 @@ def ship(suite: str, runs: Path, threads: int) -> dict:
 
     run = runs / suite
     cmd = ["oodlab", "train", "--suite", suite, "--out", str(run)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OODLAB_QUIET": "1"}
-    subprocess.run([sys.executable, "-m", "oodlab.cli", *cmd[1:]], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "oodlab.cli", *cmd[1:]], env=child_env(threads), check=True)
     ckpt = run / "last.safetensors"
     model, meta = load_checkpoint(ckpt)
-    torch.set_num_threads(threads)
+    set_threads(threads)
     acc = extract(model, load_suite(suite).id_test, device="cpu").accuracy()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    record = {"command": f"OMP_NUM_THREADS={threads} {shlex.join(cmd[:-2])} --out <run folder>", "oodlab_commit": commit,
+    record = {"command": f"OMP_NUM_THREADS={threads} {shlex.join(cmd[:-2])} --out <run folder>", "oodlab_commit": commit(),
               "seed": meta["train_config"]["seed"], "compute": meta.get("compute"),
               "epochs": meta.get("epoch"), "test_accuracy": acc, "fingerprint": checkpoint_fingerprint(ckpt),
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
@@ -54,9 +51,8 @@ def ship(suite: str, runs: Path, threads: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, threads=1, write=False)
     ap.add_argument("--runs", default=str(ROOT / "runs" / "default-models"))
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--suite", action="append", choices=SUITES, help="only these suites (repeatable)")
     args = ap.parse_args()
     for suite in args.suite or SUITES:

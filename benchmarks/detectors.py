@@ -3,19 +3,16 @@
 Runs ``oodlab.bench.run_bench`` with each suite's default checkpoint (trained on first use) and
 writes the "detectors" section of docs/results.md. Usage::
 
-    python benchmarks/detectors.py [--suites fashionmnist,fashionmnist-split] [--detectors a,b,...]
+    python benchmarks/detectors.py [--suites fashionmnist,fashionmnist-split] [--detectors a,b,...] [--no-write]
 """
 
 from __future__ import annotations
 
-import argparse
-import shlex
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from results_doc import write_section
+from harness import parser, table, write_section
 
 from oodlab.specs import RunSpec
 from oodlab.bench import run_bench
@@ -31,19 +28,16 @@ def suite_table(rows: list[dict[str, Any]]) -> str:
     summ = summary_rows(rows)
     oods = list(summ[0]["per_ood"])
     kinds = [k for k in KINDS if summ[0]["by_kind"]]
-    lines = ["| detector | " + " | ".join(oods) + " | mean | " + "".join(f"{k} mean | " for k in kinds) + "ID acc |",
-             "|---" * (len(oods) + 3 + len(kinds)) + "|"]
     pair = lambda m: f"{100 * m['auroc']:.2f} / {100 * m['fpr95']:.2f}"  # noqa: E731
-    for s in summ:
-        cells = [pair(s["per_ood"][o]) for o in oods] + [pair(s["mean"])] + [f"**{pair(s['by_kind'][k])}**" for k in kinds]
-        lines.append(f"| {s['detector']} | " + " | ".join(cells) + f" | {100 * s['id_acc']:.2f} |")
+    rows = [[s["detector"], *(pair(s["per_ood"][o]) for o in oods), pair(s["mean"]),
+             *(f"**{pair(s['by_kind'][k])}**" for k in kinds), f"{100 * s['id_acc']:.2f}"] for s in summ]
     best = {o: max(summ, key=lambda s: (s["per_ood"][o]["auroc"], -s["per_ood"][o]["fpr95"]))["detector"] for o in oods}
-    lines.append("\nBest AUROC per OOD set: " + ", ".join(f"{o}: **{d}**" for o, d in best.items()) + ".")
-    return "\n".join(lines)
+    return (table(["detector", *oods, "mean", *(f"{k} mean" for k in kinds), "ID acc"], rows)
+            + "\n\nBest AUROC per OOD set: " + ", ".join(f"{o}: **{d}**" for o, d in best.items()) + ".")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--suites", default="fashionmnist,fashionmnist-split")
     ap.add_argument("--detectors", help="comma list (default: every registered detector)")
     a = ap.parse_args()
@@ -68,8 +62,8 @@ def main() -> None:
             "a seeded 10% of ID train (which the model was trained on) stands in. ID accuracy is that of the logits "
             "each method classifies with (masked head for DICE, shaped or clipped features for ASH, ReAct and "
             "VRA).\n\n" + "\n".join(parts))
-    write_section("detectors", "Post-hoc detectors on the Fashion-MNIST suites",
-                  shlex.join(["python", "benchmarks/detectors.py", *sys.argv[1:]]), body)
+    if not a.no_write:
+        write_section("detectors", "Post-hoc detectors on the Fashion-MNIST suites", body)
 
 
 if __name__ == "__main__":

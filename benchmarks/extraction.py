@@ -1,6 +1,6 @@
 """The forward pass against the hardware: the default model's extraction speed beside a roofline estimate.
 
-    python benchmarks/extraction.py [--no-doc]
+    python benchmarks/extraction.py [--no-write]
 
 The peak is measured, not taken from a data sheet: the best GFLOP/s of float32 matrix products
 (2048 x 2048, the best case for this CPU's vector units) on the threads the benchmarks use. The model's
@@ -13,9 +13,6 @@ the tables and writes the "extraction" section of docs/results.md.
 
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,11 +20,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from results_doc import ROOT, table, threads, write_section
+from harness import ROOT, child_env, parser, run_timed, table, threads, write_section
 
-from oodlab.models import load_checkpoint  # noqa: E402
-from oodlab.models.adapter import inference_input  # noqa: E402
-from oodlab.training.recipes import shipped_checkpoint  # noqa: E402
+from oodlab.models import load_checkpoint
+from oodlab.models.adapter import inference_input
+from oodlab.training.recipes import shipped_checkpoint
 
 THREADS = 2
 
@@ -53,9 +50,7 @@ def rate(fn, batch: torch.Tensor, seconds: float = 3.0) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--no-doc", action="store_true", help="print the tables only; leave docs/results.md alone")
-    args = ap.parse_args()
+    args = parser(__doc__).parse_args()
     threads(THREADS)
     model, _ = load_checkpoint(shipped_checkpoint("fashionmnist"))
     model.eval()
@@ -104,12 +99,10 @@ def main() -> None:
     ends = []
     for bs in (512, 256):
         with tempfile.TemporaryDirectory() as cache:
-            env = {**os.environ, "OODLAB_CACHE": cache, "OODLAB_QUIET": "1", "OMP_NUM_THREADS": str(THREADS)}
-            t0 = time.perf_counter()
-            out = subprocess.run([sys.executable, "-m", "oodlab.cli", "extract", "--batch-size", str(bs)], env=env,
-                                 cwd=ROOT, check=True, capture_output=True, text=True).stdout
-            total = int(out.splitlines()[-1].split()[0])
-            ends.append([bs, total, f"{time.perf_counter() - t0:.1f}", f"{total / (time.perf_counter() - t0):,.0f}"])
+            done, seconds = run_timed([sys.executable, "-m", "oodlab.cli", "extract", "--batch-size", str(bs)],
+                                      env=child_env(THREADS, OODLAB_CACHE=cache), cwd=ROOT, capture_output=True, text=True)
+            total = int(done.stdout.splitlines()[-1].split()[0])
+            ends.append([bs, total, f"{seconds:.1f}", f"{total / seconds:,.0f}"])
     body = (f"Model: the shipped Fashion-MNIST `smallcnn`, {flops / 1e6:.1f} MFLOP per 28x28 image. Peak: "
             f"{peak:.0f} GFLOP/s (best float32 2048x2048 matrix product on {THREADS} threads), so the roofline is "
             f"{roof:,.0f} images/s.\n\n"
@@ -118,8 +111,8 @@ def main() -> None:
             "the forward pass, writing and hashing the shards):\n\n"
             + table(["--batch-size", "images", "seconds", "images/s"], ends))
     print(body)
-    if not args.no_doc:
-        write_section("extraction", "The forward pass against the hardware", "python benchmarks/extraction.py", body)
+    if not args.no_write:
+        write_section("extraction", "The forward pass against the hardware", body)
 
 
 if __name__ == "__main__":

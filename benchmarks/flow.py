@@ -7,6 +7,7 @@ Writes the "flow" section of docs/results.md. Finished fits are kept in ``--out`
 interrupted run resumes. Usage::
 
     python benchmarks/flow.py [--suites fashionmnist,fashionmnist-split] [--seeds 0,1,2] [--lrs 1e-5,3e-5,1e-4,3e-4,1e-3]
+        [--no-write]
 
 ``OMP_WAIT_POLICY`` defaults to PASSIVE here: on a machine shared with other busy processes,
 OpenMP's spinning worker threads made one flow step 20x slower (set it explicitly to override).
@@ -18,25 +19,19 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first torch import
 
-import argparse  # noqa: E402
 import json  # noqa: E402
-import shlex  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-from results_doc import write_section  # noqa: E402
+from harness import append_row, default_model, mean_sd, parser, read_rows, table, write_section  # noqa: E402
 
 from oodlab.bench.runner import BenchContext  # noqa: E402
-from oodlab.data.suites import Suite, load_suite  # noqa: E402
+from oodlab.data.suites import Suite  # noqa: E402
 from oodlab.detectors import create  # noqa: E402
-from oodlab.features import FeatureCache  # noqa: E402
 from oodlab.metrics import evaluate  # noqa: E402
-from oodlab.models.zoo import checkpoint_fingerprint, load_checkpoint  # noqa: E402
-from oodlab.training.recipes import default_checkpoint  # noqa: E402
 
 EPOCHS = (1, 3, 10)
 TARGET_S = 30.0
@@ -77,12 +72,6 @@ def key(suite: str, model_id: str, name: str, params: dict[str, Any]) -> str:
     return json.dumps([suite, model_id, name, params], sort_keys=True)
 
 
-def mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{100 * values[0]:.2f}"
-    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
-
-
 def group_auroc(row: dict[str, Any], names: list[str]) -> float:
     return statistics.mean(row["metrics"][n]["auroc"] for n in names)
 
@@ -107,13 +96,11 @@ def suite_section(suite: Suite, rows: list[dict[str, Any]]) -> str:
     by_label: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_label.setdefault(label(r), []).append(r)
-    head = ("| method | seeds | " + " | ".join(oods) + " | near AUROC | far AUROC (natural) | synthetic AUROC | ID-test NLL "
-            "| fit s/epoch (CPU s) |")
-    lines = [head, "|---" * (len(oods) + 7) + "|"]
+    lines = []
     for name, group in by_label.items():
         ok = [r for r in group if "metrics" in r]
         if not ok:
-            lines.append(f"| {name} | {len(group)} | " + " | ".join("diverged" for _ in oods) + " | | | | | |")
+            lines.append([name, len(group), *("diverged" for _ in oods), "", "", "", "", ""])
             continue
         cells = [f"{100 * statistics.mean(r['metrics'][o]['auroc'] for r in ok):.2f} / "
                  f"{100 * statistics.mean(r['metrics'][o]['fpr95'] for r in ok):.2f}" for o in oods]
@@ -125,8 +112,9 @@ def suite_section(suite: Suite, rows: list[dict[str, Any]]) -> str:
         per_epoch = (f"{statistics.median(r['fit_s'] for r in ok) / epochs:.1f} "
                      f"({statistics.median(r['fit_cpu_s'] for r in ok) / epochs:.1f})")
         failed = f" ({len(group) - len(ok)} diverged)" if len(ok) < len(group) else ""
-        lines.append(f"| {name} | {len(ok)}{failed} | " + " | ".join(cells) + f" | {near_s} | {far_s} | {syn_s} | {nll} | {per_epoch} |")
-    return "\n".join(lines)
+        lines.append([name, f"{len(ok)}{failed}", *cells, near_s, far_s, syn_s, nll, per_epoch])
+    return table(["method", "seeds", *oods, "near AUROC", "far AUROC (natural)", "synthetic AUROC", "ID-test NLL",
+                  "fit s/epoch (CPU s)"], lines)
 
 
 def claims(suite: Suite, rows: list[dict[str, Any]]) -> str:
@@ -168,19 +156,20 @@ def lr_table(rows: list[dict[str, Any]], suite: Suite) -> str:
     sel = [r for r in rows if r["detector"] == "flow" and r["params"].get("epochs") == 1 and r["params"].get("seed", 0) == 0
            and r["params"].get("normalize") == "l2"]
     sel.sort(key=lambda r: r["params"].get("lr", DEFAULT_LR))
-    lines = ["| lr | train NLL (epoch mean) | ID-test NLL | far AUROC (natural) | far FPR95 (natural) |", "|---|---|---|---|---|"]
+    lines = []
     for r in sel:
         lr = f"{r['params'].get('lr', DEFAULT_LR):g}" + (" (default)" if "lr" not in r["params"] else "")
         if "metrics" not in r:
-            lines.append(f"| {lr} | diverged | | | |")
+            lines.append([lr, "diverged", "", "", ""])
             continue
         fpr = statistics.mean(r["metrics"][n]["fpr95"] for n in far)
-        lines.append(f"| {lr} | {r['train_nll'][0]:.1f} | {r['test_nll']:.1f} | {100 * group_auroc(r, far):.2f} | {100 * fpr:.2f} |")
-    return "\n".join(lines)
+        lines.append([lr, f"{r['train_nll'][0]:.1f}", f"{r['test_nll']:.1f}", f"{100 * group_auroc(r, far):.2f}",
+                      f"{100 * fpr:.2f}"])
+    return table(["lr", "train NLL (epoch mean)", "ID-test NLL", "far AUROC (natural)", "far FPR95 (natural)"], lines)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--suites", default="fashionmnist,fashionmnist-split")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lrs", default="1e-5,3e-5,1e-4,3e-4,1e-3")
@@ -191,32 +180,25 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "rows.jsonl"
-    done = {}
-    if store.exists():
-        for line in store.read_text().splitlines():
-            r = json.loads(line)
-            done[r["key"]] = r
+    done = {r["key"]: r for r in read_rows(store)}
     parts, fm_rows, fm_suite = [], [], None
     for name in a.suites.split(","):
-        suite = load_suite(name)
-        ckpt = default_checkpoint(suite)
-        model, _ = load_checkpoint(ckpt)
-        model_id = checkpoint_fingerprint(ckpt)
-        ctx = BenchContext(suite, model, model_id, out, FeatureCache())
+        default = default_model(name)
+        suite, model_id = default.suite, default.model_id
+        ctx = BenchContext(suite, default.model, model_id, out, default.cache)
         feats = ctx.features()
         rows = []
         for det, params in plan(name, seeds, lrs):
             k = key(name, model_id, det, params)
             if k not in done:
                 done[k] = {"key": k, **run_one(ctx, feats, det, params)}
-                with open(store, "a") as f:
-                    f.write(json.dumps(done[k]) + "\n")
+                append_row(store, done[k])
                 print(label(done[k]), params, {o: round(m["auroc"] * 100, 2) for o, m in done[k].get("metrics", {}).items()},
                       f"fit {done[k].get('fit_s', float('nan')):.1f}s", flush=True)
             rows.append(done[k])
         main_rows = [r for r in rows if "lr" not in r["params"]]
         groups = ", ".join(f"{g}: {', '.join(v)}" for g, v in suite.groups.items() if v)
-        parts.append(f"### {name}\n\nDefault checkpoint `{Path(ckpt).parent.name}` ({model_id}), "
+        parts.append(f"### {name}\n\nDefault checkpoint `{default.checkpoint.parent.name}` ({model_id}), "
                      f"{len(feats[0])} training features of dimension {feats[0].dim}; OOD sets ({groups}). "
                      f"Cells: AUROC / FPR95 in %, averaged over seeds; near/far AUROC as mean ± sd over seeds.\n\n"
                      f"{suite_section(suite, main_rows)}\n\n{claims(suite, main_rows)}\n")
@@ -231,8 +213,8 @@ def main() -> None:
         body += (f"\n### Fit time\n\n{timing(fm_rows)}\n\n### Learning rate of the one-epoch fit (fashionmnist, L2, seed 0)\n\n"
                  f"{lr_table(fm_rows, fm_suite)}\n")
     print(body)
-    write_section("flow", "Flow density detector (Cook et al. 2024) on the Fashion-MNIST suites",
-                  shlex.join(["python", "benchmarks/flow.py", *sys.argv[1:]]), body)
+    if not a.no_write:
+        write_section("flow", "Flow density detector (Cook et al. 2024) on the Fashion-MNIST suites", body)
 
 
 if __name__ == "__main__":

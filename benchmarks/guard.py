@@ -1,6 +1,6 @@
 """The guard on the default model: false alarms, OOD flag rates, exported = Python, and latency.
 
-    python benchmarks/guard.py [--suite fashionmnist] [--alpha 0.05] [--splits 50] [--threads 1]
+    python benchmarks/guard.py [--suite fashionmnist] [--alpha 0.05] [--splits 50] [--threads 1] [--no-write]
 
 1. Flag rates per detector at ``--alpha``: each detector is fitted on ID train, calibrated on a
    seeded half of the ID test set and evaluated on the other half (the ID false-alarm rate) and on
@@ -22,10 +22,8 @@ Writes the "guard" section of docs/results.md.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -33,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from results_doc import write_section
+from harness import default_model, interleaved, parser, table, threads, write_section
 
 LATENCY_DETECTORS = ("energy", "react", "ash-s", "dice", "mahalanobis", "vim", "knn", "flow")
 
@@ -77,45 +75,28 @@ def _runners(eager: nn.Module, ts: Path, onnx: Path, threads: int):
 
 def _median_pair(bare, guarded, x: torch.Tensor, repeats: int) -> tuple[float, float]:
     """Median seconds per call of ``bare`` and ``guarded``, interleaved so that load hits both alike."""
-    for _ in range(3):
-        bare(x), guarded(x)
-    tb, tg = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        bare(x)
-        tb.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        guarded(x)
-        tg.append(time.perf_counter() - t0)
+    tb, tg = interleaved(lambda: bare(x), lambda: guarded(x), repeats=repeats, warmup=3)
     return statistics.median(tb), statistics.median(tg)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", default="fashionmnist")
+    ap = parser(__doc__, threads=1, suite="fashionmnist")
     ap.add_argument("--alpha", type=float, default=0.05)
     ap.add_argument("--splits", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    threads(args.threads)
     warnings.filterwarnings("ignore")
 
     import onnxruntime as ort
 
     from oodlab.bench.report import KINDS
-    from oodlab.data import load_suite
     from oodlab.detectors import available, create
-    from oodlab.features import FeatureCache
     from oodlab.guard import Guard
-    from oodlab.models import checkpoint_fingerprint, load_checkpoint
-    from oodlab.training.recipes import default_checkpoint
 
-    suite = load_suite(args.suite)
-    ckpt = default_checkpoint(suite)
-    model, meta = load_checkpoint(ckpt)
-    cache, mid = FeatureCache(), checkpoint_fingerprint(ckpt)
-    train, test = cache.get(model, mid, suite.id_train), cache.get(model, mid, suite.id_test)
-    oods = {k: cache.get(model, mid, v) for k, v in suite.ood.items()}
+    default = default_model(args.suite)
+    suite, ckpt, model, meta, mid = default.suite, default.checkpoint, default.model, default.meta, default.model_id
+    train, test = default.features(suite.id_train), default.features(suite.id_test)
+    oods = {k: default.features(v) for k, v in suite.ood.items()}
     names = [n for n in available() if create(n).export_refusal is None]
     n_test, half = len(test), len(test) // 2
 
@@ -135,15 +116,13 @@ def main() -> None:
                 ood_rates[k].append(float((s < guard.threshold).double().mean()))
             if seed == 0:
                 guards[name] = guard
-        cells = [f"{100 * np.mean(v):.1f}" for v in ood_rates.values()]
         kinds = {kind: [np.mean(v) for k, v in ood_rates.items() if suite.kind_of(k) == kind] for kind in KINDS}
-        rate_rows.append(f"| {name} | {100 * np.mean(id_rates):.2f} ± {100 * np.std(id_rates):.2f} | "
-                         + " | ".join(cells) + "".join(f" | {100 * np.mean(v):.1f}" for v in kinds.values() if v) + " |")
+        rate_rows.append([name, f"{100 * np.mean(id_rates):.2f} ± {100 * np.std(id_rates):.2f}",
+                          *(f"{100 * np.mean(v):.1f}" for v in ood_rates.values()),
+                          *(f"{100 * np.mean(v):.1f}" for v in kinds.values() if v)])
     ood_names = list(oods)
     kind_names = [k for k in KINDS if any(suite.kind_of(o) == k for o in ood_names)]
-    rates = "\n".join([f"| detector | ID flagged (%), mean ± sd | {' | '.join(ood_names)} | "
-                       + " | ".join(f"{k} mean" for k in kind_names) + " |",
-                       "|---|---|" + "---|" * (len(ood_names) + len(kind_names)), *rate_rows])
+    rates = table(["detector", "ID flagged (%), mean ± sd", *ood_names, *(f"{k} mean" for k in kind_names)], rate_rows)
 
     # 2. exported = Python ----------------------------------------------------------------------
     x_eval = {"id": _images(suite.id_test)[held_out], **{k: _images(v) for k, v in suite.ood.items()}}
@@ -169,10 +148,10 @@ def main() -> None:
                 rel = np.abs(out[1] - want.score.numpy()) / (np.abs(want.score.numpy()) + scale)
                 worst[tag] = max(worst[tag], float(rel.max()))
                 flips[tag] += int((out[3] != want.is_ood.numpy()).sum())
-        check_rows.append(f"| {name} | {worst['onnx']:.1e} | {flips['onnx']} | {worst['ts']:.1e} | {flips['ts']} |")
+        check_rows.append([name, f"{worst['onnx']:.1e}", flips["onnx"], f"{worst['ts']:.1e}", flips["ts"]])
     n_eval = sum(len(x) for x in x_eval.values())
-    check = "\n".join(["| detector | ONNX Runtime: max |Δscore| / (|score| + mean |score|) | flags differing | "
-                       "TorchScript: same | flags differing |", "|---|---|---|---|---|", *check_rows])
+    check = table(["detector", "ONNX Runtime: max |Δscore| / (|score| + mean |score|)", "flags differing",
+                   "TorchScript: same", "flags differing"], check_rows)
 
     # 3. latency --------------------------------------------------------------------------------
     bare_ts, bare_onnx = _export_bare(model, suite.input_shape, tmp)
@@ -189,9 +168,9 @@ def main() -> None:
                 for runtime in ("eager", "torchscript", "onnxruntime"):
                     tb, tg = _median_pair(bare[runtime], guarded[runtime], x, repeats)
                     cells.append(f"{1e3 * tb:.2f} / {1e3 * tg:.2f} ({100 * (tg / tb - 1):+.0f}%)")
-            lat_rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    head = [f"{rt} b{b}" for b in (1, 256) for rt in ("eager", "TorchScript", "ONNX Runtime")]
-    latency = "\n".join(["| detector | " + " | ".join(head) + " |", "|---|" + "---|" * len(head), *lat_rows])
+            lat_rows.append([name, *cells])
+    latency = table(["detector", *(f"{rt} b{b}" for b in (1, 256) for rt in ("eager", "TorchScript", "ONNX Runtime"))],
+                    lat_rows)
 
     # 4. ImageNet size ---------------------------------------------------------------------------
     import torchvision
@@ -217,8 +196,8 @@ def main() -> None:
             for runtime in ("eager", "onnxruntime"):
                 tb, tg = _median_pair(big_bare[runtime], guarded[runtime], x, 20)
                 cells.append(f"{1e3 * tb:.1f} / {1e3 * tg:.1f} ({100 * (tg / tb - 1):+.1f}%)")
-            big_rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    big_table = "\n".join(["| detector | eager b1 | ONNX Runtime b1 |", "|---|---|---|", *big_rows])
+            big_rows.append([name, *cells])
+    big_table = table(["detector", "eager b1", "ONNX Runtime b1"], big_rows)
 
     body = (f"Default model `{Path(ckpt).name}` (fingerprint {mid}), suite `{args.suite}`, alpha = {args.alpha}. "
             f"Each detector is fitted on ID train ({len(train)}), calibrated on a random half of ID test "
@@ -232,9 +211,10 @@ def main() -> None:
             f"### Latency at ImageNet size: ResNet-50, 224 x 224, batch 1, ms: bare / guarded (OOD part)\n\n"
             f"{big_table}\n")
     print(body)
-    write_section("guard", f"Guard on {args.suite}: false alarms, flag rates, export, latency",
-                  f"python benchmarks/guard.py --suite {args.suite} --alpha {args.alpha} --splits {args.splits} "
-                  f"--threads {args.threads}", body)
+    if not args.no_write:
+        write_section("guard", f"Guard on {args.suite}: false alarms, flag rates, export, latency", body,
+                      command=f"python benchmarks/guard.py --suite {args.suite} --alpha {args.alpha} "
+                      f"--splits {args.splits} --threads {args.threads}")
 
 
 if __name__ == "__main__":

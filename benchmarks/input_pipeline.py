@@ -1,6 +1,6 @@
 """Images per second of the folder pipeline: decode + resize 256 + centre crop 224 of ImageNet-sized JPEGs.
 
-    python benchmarks/input_pipeline.py [--images 5000] [--folder DIR] [--workers 0 1 2] [--repeats 2]
+    python benchmarks/input_pipeline.py [--images 5000] [--folder DIR] [--workers 0 1 2] [--repeats 2] [--no-write]
 
 Generates a folder of JPEGs of ImageNet-like sizes (seeded; reused when ``--folder`` already holds
 them), then times one full pass of
@@ -17,18 +17,15 @@ Each figure is the best of ``--repeats`` passes (page cache warm after the first
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from results_doc import write_section
+from harness import interleaved, parser, table, threads, write_section
 
 
 def make_folder(folder: Path, n: int) -> Path:
@@ -68,23 +65,20 @@ class _OpenOODStyle(Dataset):
 
 
 def _rate(loader, n: int, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        seen = sum(len(x) for x, _ in loader())
-        best = min(best, time.perf_counter() - t0)
-        assert seen == n
-    return n / best
+    """Images per second of the best of ``repeats`` passes over ``loader()``."""
+    def one_pass() -> None:
+        assert sum(len(x) for x, _ in loader()) == n
+
+    return n / min(interleaved(one_pass, repeats=repeats)[0])
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, repeats=2)
     ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--folder", help="where the generated JPEGs live (default: a folder under the temp dir)")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    threads(1)
 
     from oodlab.data.preprocessing import Preprocessing
     from oodlab.data.base import batches
@@ -106,20 +100,21 @@ def main() -> None:
                 cells.append("–")
         loader = lambda: DataLoader(openood, batch_size=200, shuffle=False, num_workers=w)  # noqa: E731
         cells.append(f"{_rate(loader, len(files), args.repeats):.0f}")
-        rows.append(f"| {w} | " + " | ".join(cells) + " |")
-        print(rows[-1], flush=True)
+        rows.append([w, *cells])
+        print(*rows[-1], flush=True)
     mean_w = np.mean([s[0] for s in sizes])
     mean_h = np.mean([s[1] for s in sizes])
     body = (f"{len(files)} generated JPEGs (quality 90, mean size {mean_w:.0f} x {mean_h:.0f}), decode + resize 256 + "
             f"centre crop 224 to float tensors, images/s (best of {args.repeats} passes; {os.cpu_count()} CPU cores, "
             "torch on 1 thread in the main process). OpenOOD's settings: PIL, batch 200, Normalize in the worker; "
             "its default is 4 workers.\n\n"
-            "| workers | oodlab, PIL reader | oodlab, torchvision.io reader | OpenOOD's loader settings |\n"
-            "|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            + table(["workers", "oodlab, PIL reader", "oodlab, torchvision.io reader", "OpenOOD's loader settings"], rows)
+            + "\n")
     print(body)
-    write_section("input_pipeline", "Input pipeline: decoding and resizing a JPEG folder",
-                  f"python benchmarks/input_pipeline.py --images {args.images} --workers {' '.join(map(str, args.workers))}",
-                  body)
+    if not args.no_write:
+        write_section("input_pipeline", "Input pipeline: decoding and resizing a JPEG folder", body,
+                      command=f"python benchmarks/input_pipeline.py --images {args.images} --workers "
+                      f"{' '.join(map(str, args.workers))}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Confidence intervals at the cost of a metric: time per row and coverage.
 
-    python benchmarks/intervals.py [--no-doc]
+    python benchmarks/intervals.py [--reps 400] [--no-write]
 
 Times one row's 95% intervals (10,000 ID x 5,000 OOD Gaussian scores, 1,000 resamples) with today's
 :func:`oodlab.metrics.confidence_intervals` (DeLong for AUROC, O(1) bootstrap draws for FPR95) against the
@@ -12,14 +12,13 @@ Prints the tables and writes the "intervals" section of docs/results.md.
 
 from __future__ import annotations
 
-import argparse
 from statistics import NormalDist
 
 import numpy as np
 
-from results_doc import table, threads, timed, write_section
+from harness import parser, table, threads, timed, write_section
 
-from oodlab import metrics  # noqa: E402
+from oodlab import metrics
 
 
 def resampling(sid: np.ndarray, sood: np.ndarray, seed: int = 0) -> dict[str, float]:
@@ -42,8 +41,7 @@ def coverage(method, shift: float, reps: int, n: int = 1000, m: int = 500) -> tu
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--no-doc", action="store_true", help="print the tables only; leave docs/results.md alone")
+    ap = parser(__doc__)
     ap.add_argument("--reps", type=int, default=400, help="repetitions per coverage cell")
     args = ap.parse_args()
     threads(2)
@@ -73,9 +71,8 @@ def main() -> None:
             "repetitions (1,000 ID x 500 OOD scores each; a 95% interval should cover the truth in 93-97% of 400):"
             f"\n\n{cover}")
     print(body)
-    if not args.no_doc:
-        write_section("intervals", "Confidence intervals: time per row and coverage", "python benchmarks/intervals.py",
-                      body)
+    if not args.no_write:
+        write_section("intervals", "Confidence intervals: time per row and coverage", body)
 
 
 if __name__ == "__main__":

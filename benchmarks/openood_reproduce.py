@@ -13,9 +13,10 @@ detector), then prints per method oodlab's near / far AUROC (mean over seeds) be
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
+
+from harness import mean_sd, parser, table
 
 from oodlab.bench import run_bench
 from oodlab.bench.openood import NETWORKS, OPENOOD_NAMES, leaderboard
@@ -43,7 +44,7 @@ def _runs(benchmark: str, checkpoints: Path, seeds: list[int]) -> list[tuple[str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__, write=False)
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--checkpoints", required=True)
     ap.add_argument("--benchmarks", default="cifar10,cifar100,imagenet200,imagenet1k")
@@ -72,16 +73,16 @@ def main() -> None:
                r["network"] == NETWORKS[benchmark] and r["training"] == "CrossEntropy"}
         print(f"\n{benchmark} ({NETWORKS[benchmark]}, {len(seeds) if benchmark != 'imagenet1k' else 1} run(s)): "
               "near / far AUROC, oodlab vs OpenOOD v1.5's leaderboard")
-        print(f"| detector | oodlab near | oodlab far | OpenOOD | leaderboard near | leaderboard far | Δ near | Δ far |")
-        print("|---|---|---|---|---|---|---|---|")
+        rows = []
         for det, g in per.items():
             name = OPENOOD_NAMES.get(det, "-")
             r = ref.get(name)
             near, far = statistics.mean(g["near"]), statistics.mean(g["far"])
-            sd = lambda v: f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else ""  # noqa: E731
-            cells = (f"{r['near_auroc']} | {r['far_auroc']} | {near - float(r['near_auroc']):+.2f} | "
-                     f"{far - float(r['far_auroc']):+.2f}" if r else "– | – | – | –")
-            print(f"| {det} | {near:.2f}{sd(g['near'])} | {far:.2f}{sd(g['far'])} | {name} | {cells} |")
+            cells = ([r["near_auroc"], r["far_auroc"], f"{near - float(r['near_auroc']):+.2f}",
+                      f"{far - float(r['far_auroc']):+.2f}"] if r else ["–"] * 4)
+            rows.append([det, mean_sd(g["near"], 1), mean_sd(g["far"], 1), name, *cells])
+        print(table(["detector", "oodlab near", "oodlab far", "OpenOOD", "leaderboard near", "leaderboard far", "Δ near",
+                     "Δ far"], rows))
 
 
 if __name__ == "__main__":

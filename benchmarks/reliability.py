@@ -1,6 +1,6 @@
 """Every way a user can break a run, tried for real: the one line they see, the exit code, and what is lost.
 
-    python benchmarks/reliability.py [--no-doc]
+    python benchmarks/reliability.py [--no-write]
 
 Builds a small suite of your-own-data folders (28x28 PNGs, a suite TOML file) and trains a checkpoint on it
 with ``oodlab train``, all in a temporary folder, then runs each case: damaged and edited files, bad numbers
@@ -19,7 +19,6 @@ uninterrupted run's. Prints a markdown table and writes the "reliability" sectio
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from results_doc import ROOT, write_section
+from harness import ROOT, child_env, escape, interleaved, parser, table, threads, write_section
 
 os.environ.setdefault("OODLAB_QUIET", "1")
 os.environ.setdefault("OODLAB_WORKERS", "0")
@@ -167,15 +166,10 @@ def _same_results(a: Path, b: Path) -> bool:
     return True
 
 
-def _env(cache: Path) -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "OODLAB_CACHE": str(cache), "OODLAB_QUIET": "1", "OMP_NUM_THREADS": "1"}
-
-
 def _subprocess(argv: list[str], cache: Path, patch: str = "", marker: Path | None = None) -> subprocess.Popen:
     code = DRIVER.format(marker=str(marker), patch=patch, args=argv)
-    return subprocess.Popen([sys.executable, "-c", code], env=_env(cache), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", code], env=child_env(1, ROOT, OODLAB_CACHE=str(cache)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _complete(argv: list[str], cache: Path) -> tuple[str, int]:
@@ -715,8 +709,8 @@ def surface_cases(lab: Lab) -> list[Case]:
                       f"        raise PermissionError('cannot read folder {lab.data}/train: Permission denied')\n"
                       "    extraction.extract = unreadable\nsys.exit(main())\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(driver), *lab.bench_args(d / "o")], env=_env(d / "cache"), capture_output=True,
-                          text=True, timeout=600)
+                           str(driver), *lab.bench_args(d / "o")], env=child_env(1, ROOT, OODLAB_CACHE=str(d / "cache")),
+                          capture_output=True, text=True, timeout=600)
     lines = sorted(ln for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.startswith("oodlab bench"))
     out.append(("`torchrun --nproc-per-node 2 oodlab bench`, rank 1 cannot read a folder", "\n".join(lines),
                 f"{proc.returncode} (torchrun's)", "none: no results file written or read"
@@ -736,12 +730,7 @@ def identity_cost(root: Path, n: int = 20_000) -> str:
         cls = tree / f"c{i % 100:03d}"
         cls.mkdir(parents=True, exist_ok=True)
         (cls / f"{i:06d}.png").write_bytes(png)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        folder.load(tree, prep=Preprocessing(28, 1), labelled=True)
-        times.append(time.perf_counter() - t0)
-    best = min(times)
+    best = min(interleaved(lambda: folder.load(tree, prep=Preprocessing(28, 1), labelled=True), repeats=3)[0])
     return (f"A folder's cache identity is its files' path, size, mtime, inode and ctime (one `stat` each; a file "
             f"rewritten in place gets a new ctime, a copy a new inode), not a hash of their bytes: `folder.load` of "
             f"{n:,} files takes {best:.2f} s here (best of 3, warm file-system cache), so about "
@@ -751,20 +740,12 @@ def identity_cost(root: Path, n: int = 20_000) -> str:
 
 def _cell(text: str, root: Path) -> str:
     lines = [ln.strip() for ln in text.replace(str(root), "DIR").splitlines() if ln.strip()]
-    return " / ".join(lines).replace("|", "\\|").replace("<", "&lt;") or "(nothing)"
-
-
-def table(cases: list[Case], root: Path) -> str:
-    rows = ["| case | message (what the user sees) | exit code | data lost |", "|---|---|---|---|"]
-    rows += [f"| {c} | {_cell(m, root)} | {code} | {lost} |" for c, m, code, lost in cases]
-    return "\n".join(rows)
+    return escape(" / ".join(lines)).replace("<", "&lt;") or "(nothing)"
 
 
 def run() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--no-doc", action="store_true", help="print the table only; leave docs/results.md alone")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = parser(__doc__).parse_args()
+    threads(1)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp).resolve()
@@ -776,14 +757,15 @@ def run() -> None:
             identity = identity_cost(root)
         finally:
             os.chdir(cwd)
-        text = table(cases, root)
+        text = table(["case", "message (what the user sees)", "exit code", "data lost"],
+                     [(c, _cell(m, root), code, lost) for c, m, code, lost in cases])
     seconds = time.perf_counter() - t0
     print(text)
     refused = [m for _, m, code, _ in cases if code == "2"]
     one_line = sum(1 for m in refused if m.count("\n") == 1)
     print(f"\n{len(cases)} cases in {seconds:.0f} s; {one_line} of the {len(refused)} refused commands (exit 2) print "
           "one line, the other prints the unreadable image's warnings first")
-    if not args.no_doc:
+    if not args.no_write:
         body = (f"{len(cases)} cases, each run for real in a temporary folder on a suite of 28x28 PNG folders (a suite "
                 "TOML file) and a checkpoint trained on it; `DIR` stands for that folder. Command-line errors are "
                 "one line on stderr with exit code 2 (`--debug` or `OODLAB_DEBUG=1` shows the traceback); API errors "
@@ -791,8 +773,7 @@ def run() -> None:
                 "(rows, per-sample scores, final weights). The same cases are tests in `tests/reliability/`.\n\n"
                 + text + f"\n\nAll cases: {seconds:.0f} s.\n\n{identity}")
         write_section("reliability", "Reliability: bad inputs, damaged files, full disks, kill -9, concurrent runs, "
-                      "torchrun",
-                      "python benchmarks/reliability.py", body)
+                      "torchrun", body)
 
 
 if __name__ == "__main__":

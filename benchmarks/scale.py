@@ -1,7 +1,7 @@
 """Fits at ImageNet size from the sharded feature cache: time and peak memory per detector, and pytorch-ood's.
 
     python benchmarks/scale.py [--train-rows 1281167] [--eval-rows 100000] [--dim 2048] [--classes 1000]
-                               [--threads 2] [--workdir DIR] [--keep]
+                               [--threads 2] [--workdir DIR] [--keep] [--no-write]
 
 1. Synthetic features of ImageNet-1k's size (1,281,167 train rows, 2048-d, 1000 classes; 100,000
    evaluation rows) are generated shard by shard from a seeded generator and written through
@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -44,7 +42,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT, child_env, commit, parser, pytorch_ood, table, threads, write_section
+
 DETECTORS = ("mahalanobis", "vim", "react", "dice", "knn", "flow")
 GB = 1e9
 TARGET_GB = 2.0
@@ -107,18 +106,6 @@ def _head(workdir: Path):
     return head
 
 
-def _threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(n)
-    except ImportError:
-        pass
-
-
 # -- child: generate the features -----------------------------------------------------------------
 def _generate(spec: dict) -> dict:
     import torch
@@ -126,7 +113,7 @@ def _generate(spec: dict) -> dict:
     from oodlab.features import Features
     from oodlab.features.store import write_features
 
-    _threads(spec["threads"])
+    threads(spec["threads"])
     baseline = _status("VmRSS")
     d, c, seed, rows = spec["dim"], spec["classes"], spec["seed"], spec["shard_rows"]
     storage = getattr(torch, spec["storage"])
@@ -177,7 +164,7 @@ def _subset(spec: dict) -> dict:
 
     from oodlab.features.store import write_features
 
-    _threads(spec["threads"])
+    threads(spec["threads"])
     workdir = Path(spec["workdir"])
     train = _open(workdir / "train")
     span = 0
@@ -198,7 +185,7 @@ def _oodlab(spec: dict) -> dict:
     from oodlab.detectors import create
     from oodlab.metrics import auroc
 
-    _threads(spec["threads"])
+    threads(spec["threads"])
     baseline = _status("VmRSS")
     _reset_peak()
     workdir = Path(spec["workdir"])
@@ -260,12 +247,12 @@ def _load_in_memory(stored, rows=None):
 
 def _pytorch_ood(spec: dict) -> dict:
     import torch
-    import pytorch_ood
-    from pytorch_ood import detector as pod
 
     from oodlab.detectors.vim import default_dim
 
-    _threads(spec["threads"])
+    po = pytorch_ood()
+    pod = po.detector
+    threads(spec["threads"])
     baseline = _status("VmRSS")
     _reset_peak()
     workdir = Path(spec["workdir"])
@@ -301,7 +288,7 @@ def _pytorch_ood(spec: dict) -> dict:
     fit_s = time.perf_counter() - t0
     return {"fit_s": fit_s, "load_s": load_s, "baseline": baseline, "loaded": loaded, "fit_peak": _maxrss(),
             "fit_hwm": _status("VmHWM"), "rows": len(z), "call": f"{type(det).__name__}.{fit}",
-            "version": getattr(pytorch_ood, "__version__", "?")}
+            "version": po.__version__}
 
 
 def _child(spec: dict) -> None:
@@ -323,11 +310,8 @@ def _log(text: str) -> None:
 
 def _run(spec: dict, args) -> dict:
     """Run one child, watching its resident size; its result, or ``{"error": ...}`` with the phase."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "OPENBLAS_NUM_THREADS": str(args.threads), "OODLAB_QUIET": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                            stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                            stdout=subprocess.PIPE, text=True, env=child_env(args.threads, ROOT), cwd=ROOT)
     state: dict = {"phase": "starting", "result": None}
 
     def read() -> None:
@@ -369,24 +353,12 @@ def _run(spec: dict, args) -> dict:
     return {**result, "watched_peak": top, "wall": wall}
 
 
-def _commit() -> str | None:
-    """The checkout's commit, marked when oodlab/ has uncommitted changes; None outside a git checkout."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "oodlab"], cwd=ROOT, capture_output=True, text=True,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + (" with uncommitted changes in oodlab/" if dirty else "")
-
-
 def _gb(x) -> str:
     return f"{x / GB:.2f}" if x is not None else "-"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, threads=2)
     ap.add_argument("--train-rows", type=int, default=1_281_167)
     ap.add_argument("--eval-rows", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=2048)
@@ -394,7 +366,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-rows", type=int, default=16384, help="rows per shard (the cache's default)")
     ap.add_argument("--storage", default="float32", choices=("float32", "float16"))
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--detectors", default=",".join(DETECTORS))
     ap.add_argument("--knn-k", type=int, default=10)
     ap.add_argument("--knn-fraction", type=float, default=0.01)
@@ -411,7 +382,6 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where the features go (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the generated features")
     ap.add_argument("--reuse", action="store_true", help="use the features already in --workdir")
-    ap.add_argument("--no-doc", action="store_true", help="print the section without writing docs/results")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -424,7 +394,7 @@ def main() -> None:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="oodlab-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
     base = {"workdir": str(workdir), "threads": args.threads}
-    started, commit = time.monotonic(), _commit()
+    started, at = time.monotonic(), commit()
     try:
         if args.reuse:
             gen = json.loads((workdir / "generation.json").read_text())
@@ -475,20 +445,18 @@ def main() -> None:
         if not args.keep and not args.reuse:
             shutil.rmtree(workdir, ignore_errors=True)
     total = time.monotonic() - started
-    body = _report(args, gen, runs, total, commit)
+    body = _report(args, gen, runs, total, at)
     print(body)
     command = (f"OMP_NUM_THREADS={args.threads} python benchmarks/scale.py --train-rows {args.train_rows} "
                f"--eval-rows {args.eval_rows} --dim {args.dim} --classes {args.classes} --threads {args.threads}"
                + (" --knn-full-bank" if args.knn_full_bank else "")
                + f" --flow-rows {args.flow_rows} --flow-lr {args.flow_lr:g} --flow-queries {args.flow_queries}"
                + (" --no-pytorch-ood" if args.no_pytorch_ood else ""))
-    if not args.no_doc:
-        from results_doc import write_section
-
-        write_section("scale", "Scale: fits at ImageNet size from the sharded cache", command, body)
+    if not args.no_write:
+        write_section("scale", "Scale: fits at ImageNet size from the sharded cache", body, command=command)
 
 
-def _report(args, gen: dict, runs: dict, total: float, commit: str | None) -> str:
+def _report(args, gen: dict, runs: dict, total: float, at: str | None) -> str:
     tr, ev = gen["train"], gen["eval"]
     full = args.train_rows == 1_281_167 and args.dim == 2048 and args.classes == 1000
     rows, details, verdicts = [], [], []
@@ -522,9 +490,9 @@ def _report(args, gen: dict, runs: dict, total: float, commit: str | None) -> st
             cells = [f"{o['fit_s']:.1f}", f"{o['score_s']:.1f}", _gb(o["fit_peak"]), _gb(above),
                      "pass" if ok else "**FAIL**"]
             score_above = o["score_peak"] - o["baseline"] if o.get("score_peak") else None
-            details.append(f"| {name} | `{o['config']}` | {o['train_rows']:,} | {o['query_rows']:,} | "
-                           f"{_gb(o['baseline'])} | {_gb(o['fit_hwm'] - o['baseline'])} | {_gb(o['after_fit'] - o['baseline'])} | "
-                           f"{_gb(score_above)} | {100 * o['auroc']:.1f} |")
+            details.append([name, f"`{o['config']}`", f"{o['train_rows']:,}", f"{o['query_rows']:,}", _gb(o["baseline"]),
+                            _gb(o["fit_hwm"] - o["baseline"]), _gb(o["after_fit"] - o["baseline"]), _gb(score_above),
+                            f"{100 * o['auroc']:.1f}"])
         pod = run.get("pod")
         if name == "flow" or pod is None:
             pcells = ["-", "no flow-density detector in pytorch-ood 0.4" if name == "flow" else "not run"]
@@ -540,32 +508,26 @@ def _report(args, gen: dict, runs: dict, total: float, commit: str | None) -> st
         if pod and "error" not in pod:
             notes.append(f"pytorch-ood: `{pod['call']}` after {pod['load_s']:.0f} s loading "
                          f"{_gb(pod['loaded'] - pod['baseline'])} GB into memory")
-        rows.append(f"| {name} | " + " | ".join(cells + pcells) + f" | {'; '.join(notes)} |")
-    table = "\n".join(["| detector | oodlab fit s | score s | peak RSS (GB) | peak above baseline (GB) | "
-                       f"<= {TARGET_GB:g} GB | pytorch-ood fit s | pytorch-ood peak above baseline (GB) or failure | notes |",
-                       "|---|---|---|---|---|---|---|---|---|", *rows])
-    detail = "\n".join(["| detector | oodlab detector | train rows | scored rows | baseline RSS (GB) | "
-                        "fit VmHWM above baseline (GB) | RSS after fit above baseline (GB) | score peak above baseline (GB) | "
-                        "AUROC, ID vs unseen classes (%) |", "|---|---|---|---|---|---|---|---|---|", *details])
+        rows.append([name, *cells, *pcells, "; ".join(notes)])
+    fits = table(["detector", "oodlab fit s", "score s", "peak RSS (GB)", "peak above baseline (GB)", f"<= {TARGET_GB:g} GB",
+                  "pytorch-ood fit s", "pytorch-ood peak above baseline (GB) or failure", "notes"], rows)
+    detail = table(["detector", "oodlab detector", "train rows", "scored rows", "baseline RSS (GB)",
+                    "fit VmHWM above baseline (GB)", "RSS after fit above baseline (GB)", "score peak above baseline (GB)",
+                    "AUROC, ID vs unseen classes (%)"], details)
     size = (f"{tr['rows']:,} x {args.dim} train rows ({args.classes} classes) and {ev['rows']:,} evaluation rows"
             + (" (ImageNet-1k's size)" if full else " (**smaller than ImageNet**: a quick run)"))
-    mem = ""
-    try:
-        mem = f", {int(Path('/proc/meminfo').read_text().split()[1]) / 2**20:.0f} GiB RAM"
-    except (OSError, IndexError, ValueError):
-        pass
     passed = sum(v.split(": ")[1].startswith("pass") for v in verdicts)
     return (f"Synthetic class-structured features, {size}, written as {tr['shards']} + {ev['shards']} shards of "
             f"{args.shard_rows:,} rows ({args.storage}, {(tr['bytes'] + ev['bytes']) / GB:.1f} GB on disk) in "
             f"{tr['seconds'] + ev['seconds']:.0f} s with a peak of {_gb(gen['peak'] - gen['baseline'])} GB above the "
-            f"generating process's baseline. {args.threads} CPU threads{mem} ({platform.processor() or platform.machine()}); "
+            f"generating process's baseline. {args.threads} CPU threads; "
             f"every detector in a fresh process; whole run {total / 60:.0f} min"
-            + (f"; oodlab at commit {commit}" if commit else "") + ". GB = 10^9 bytes. Fit and score "
+            + (f"; oodlab at commit {at}" if at else "") + ". GB = 10^9 bytes. Fit and score "
             "seconds include reading the shards (partly from the page cache).\n\n"
             f"**Target: every oodlab fit at ImageNet size in <= {TARGET_GB:g} GB of peak resident memory on top of the "
             f"process's baseline** (the `peak above baseline` column: `ru_maxrss` after the fit minus the resident "
             f"size after the imports): {passed} of {len(verdicts)} pass" + (" (at this size, not ImageNet's)" if not full else "")
-            + f"; {', '.join(verdicts)}.\n\n{table}\n\n"
+            + f"; {', '.join(verdicts)}.\n\n{fits}\n\n"
             "pytorch-ood's detectors take in-memory tensors: its process reads `z` and the labels into one "
             "preallocated tensor (no second copy while loading), then calls the fit; its peak includes that data, "
             "which is what its API needs. A process is killed when its resident size exceeds "

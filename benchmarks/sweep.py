@@ -28,21 +28,19 @@ more OOD), so they are negated; all AUROCs come from ``oodlab.metrics`` (ID posi
 
 from __future__ import annotations
 
-import argparse
 import os
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 from crosscheck import Data, cases
-from results_doc import write_section
+from harness import feature_cache, parser, pytorch_ood, table, write_section
 
 from oodlab.specs import RunSpec
 from oodlab.bench import api as bench_api
@@ -149,38 +147,23 @@ def oodlab_run(suite: Suite, ckpt: Path, detectors: list[str], cache: Path,
     them in the confidence intervals of the rows, rows).
 
     Every run's process CPU time is added to :data:`CPU` under ``out.name``."""
-    previous = os.environ.get("OODLAB_CACHE")
-    os.environ["OODLAB_CACHE"] = str(cache)
-    draw, ci, report_s, ci_s = bench_api.write_report, bench_runner.confidence_intervals, [], []
-    bench_api.write_report = _timed(draw, report_s)  # run_bench's own calls, timed where they happen
-    bench_runner.confidence_intervals = _timed(ci, ci_s)
-    try:
+    report_s, ci_s = [], []
+    with (feature_cache(cache),  # run_bench's own calls, timed where they happen:
+          mock.patch.object(bench_api, "write_report", _timed(bench_api.write_report, report_s)),
+          mock.patch.object(bench_runner, "confidence_intervals", _timed(bench_runner.confidence_intervals, ci_s))):
         t0, c0 = time.perf_counter(), time.process_time()
         rows = run_bench(RunSpec(ckpt, data=suite), detectors=detectors, out_dir=out, verbose=False)
         CPU.setdefault(out.name, []).append(time.process_time() - c0)
         return time.perf_counter() - t0, sum(report_s), sum(ci_s), rows
-    finally:
-        bench_api.write_report, bench_runner.confidence_intervals = draw, ci
-        if previous is None:
-            os.environ.pop("OODLAB_CACHE")
-        else:
-            os.environ["OODLAB_CACHE"] = previous
 
 
 def extract_run(suite: Suite, ckpt: Path, cache: Path) -> float:
     """Seconds of ``extract_suite`` (what ``oodlab extract`` runs) into the empty feature cache ``cache``: the floor
     a sweep is measured against."""
-    previous = os.environ.get("OODLAB_CACHE")
-    os.environ["OODLAB_CACHE"] = str(cache)
-    try:
+    with feature_cache(cache):
         t0 = time.perf_counter()
         bench_api.extract_suite(RunSpec(ckpt, data=suite), batch_size=BATCH)
         return time.perf_counter() - t0
-    finally:
-        if previous is None:
-            os.environ.pop("OODLAB_CACHE")
-        else:
-            os.environ["OODLAB_CACHE"] = previous
 
 
 def oodlab_scores(out: Path, rows: list[dict]) -> dict[str, dict[str, np.ndarray]]:
@@ -270,15 +253,13 @@ def pod_feature_path(suite: Suite, ckpt: Path,
                      names: list[str]) -> tuple[float, float, dict[str, dict[str, np.ndarray]]]:
     """Seconds in all, seconds spent in ODIN, and scores. Every detector but ODIN runs as its crosscheck case
     (:data:`USAGE2`) on features extracted once by hand."""
-    import pytorch_ood
-
     t0, c0 = time.perf_counter(), time.process_time()
     model, _ = load_checkpoint(ckpt)
     data = Data(_features(model, suite.id_train, labels=True),
                 _features(model, suite.held_out(), labels=True) if set(HELD_OUT) & set(names) else None,
                 _features(model, suite.id_test), {k: _features(model, v) for k, v in suite.ood.items()},
                 model.head)
-    wiring = {(c.method, c.setting): c.pyood for c in cases(pytorch_ood)}
+    wiring = {(c.method, c.setting): c.pyood for c in cases(pytorch_ood())}
     scores = {}
     with torch.no_grad():
         for name in names:
@@ -298,7 +279,7 @@ def ash_feature_map_aurocs(suite: Suite, ckpt: Path) -> str:
     model, _ = load_checkpoint(ckpt)
     train = extract(model, suite.id_train.subset(512), BATCH, "cpu")
     oods = list(suite.ood)
-    lines = ["| detector | " + " | ".join(oods) + " | max abs diff |", "|---" * (len(oods) + 2) + "|"]
+    lines = []
     for name, pct in (("ash-p", 60), ("ash-b", 65), ("ash-s", 90)):
         det = create(name, percentile=pct, feature_map=True).fit(train, model.head)
         ours = {k: score_with_model(det, model, d, MODEL_BATCH, "cpu").numpy() for k, d in eval_sets(suite).items()}
@@ -306,15 +287,14 @@ def ash_feature_map_aurocs(suite: Suite, ckpt: Path) -> str:
         theirs = _per_set(suite, lambda d, pod=pod: _predict_inputs(pod, d, grad=False))
         a = [100 * auroc(ours["id"], ours[o]) for o in oods]
         b = [100 * auroc(theirs["id"], theirs[o]) for o in oods]
-        lines.append(f"| {name}, feature map | " + " | ".join(f"{x:.2f} / {y:.2f}" for x, y in zip(a, b))
-                     + f" | {max(abs(x - y) for x, y in zip(a, b)):.3f} |")
-    return "\n".join(lines)
+        lines.append([f"{name}, feature map", *(f"{x:.2f} / {y:.2f}" for x, y in zip(a, b)),
+                      f"{max(abs(x - y) for x, y in zip(a, b)):.3f}"])
+    return table(["detector", *oods, "max abs diff"], lines)
 
 
 # -- report ---------------------------------------------------------------------------------------
 def auroc_table(names: list[str], ours: dict, theirs: dict, theirs_fp: dict, oods: list[str]) -> tuple[str, float]:
-    lines = ["| detector | " + " | ".join(oods) + " | max abs diff | usage 1 vs 2 | pytorch-ood usage 2 API |",
-             "|---" * (len(oods) + 4) + "|"]
+    lines = []
     worst_matching = 0.0
     for name in names:
         a = [100 * auroc(ours[name]["id"], ours[name][o]) for o in oods]
@@ -323,12 +303,11 @@ def auroc_table(names: list[str], ours: dict, theirs: dict, theirs_fp: dict, ood
         diff = max(abs(x - y) for x, y in zip(a, b))
         if name not in DIFFERENCES:
             worst_matching = max(worst_matching, diff)
-        cells = [f"{x:.2f} / {y:.2f}" for x, y in zip(a, b)]
         mark = " (definitions differ)" if name in DIFFERENCES else ""
         api = f"`{USAGE2[name][2]}`" if name in USAGE2 else "none: the model path (`predict(x)`) in both usages"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {diff:.3f}{mark} | "
-                     f"{max(abs(x - y) for x, y in zip(b, c)):.3f} | {api} |")
-    return "\n".join(lines), worst_matching
+        lines.append([name, *(f"{x:.2f} / {y:.2f}" for x, y in zip(a, b)), f"{diff:.3f}{mark}",
+                      f"{max(abs(x - y) for x, y in zip(b, c)):.3f}", api])
+    return table(["detector", *oods, "max abs diff", "usage 1 vs 2", "pytorch-ood usage 2 API"], lines), worst_matching
 
 
 def _median_ratio(num: list[float], den: list[float]) -> float:
@@ -378,18 +357,18 @@ def measure(suite: Suite, ckpt: Path, repeats: int, names: list[str] = DETECTORS
     }
     cold, cold_core = runs["oodlab sweep, cold cache (`run_bench`)"]
     cpu = dict(zip(runs, (CPU[k] for k in ("cold", "warm", "one", "pod1", "pod2"))))
-    timing = ["| run | end to end: median s | ratio | without ODIN and the HTML report: median s | ratio "
-              "| end to end, process CPU: median s | ratio |", "|---|---|---|---|---|---|---|"]
-    timing += [f"| {k} | {statistics.median(full):.1f} | {_median_ratio(full, cold):.2f}x | "
-               f"{statistics.median(core):.1f} | {_median_ratio(core, cold_core):.2f}x | "
-               f"{statistics.median(cpu[k]):.1f} | {_median_ratio(cpu[k], CPU['cold']):.2f}x |"
-               for k, (full, core) in runs.items()]
+    timing = table(["run", "end to end: median s", "ratio", "without ODIN and the HTML report: median s", "ratio",
+                    "end to end, process CPU: median s", "ratio"],
+                   [[k, f"{statistics.median(full):.1f}", f"{_median_ratio(full, cold):.2f}x",
+                     f"{statistics.median(core):.1f}", f"{_median_ratio(core, cold_core):.2f}x",
+                     f"{statistics.median(cpu[k]):.1f}", f"{_median_ratio(cpu[k], CPU['cold']):.2f}x"]
+                    for k, (full, core) in runs.items()])
     warm_by = {r["detector"]: r for r in warm_rows}
-    per_det = ["| detector | cold: fit s | cold: score s | warm: score s |", "|---|---|---|---|"]
-    per_det += [f"| {r['detector']} | {r['fit_s']:.2f} | {r['score_s']:.2f} | {warm_by[r['detector']]['score_s']:.2f} |"
-                for r in {r["detector"]: r for r in cold_rows}.values()]
+    per_det = table(["detector", "cold: fit s", "cold: score s", "warm: score s"],
+                    [[r["detector"], f"{r['fit_s']:.2f}", f"{r['score_s']:.2f}", f"{warm_by[r['detector']]['score_s']:.2f}"]
+                     for r in {r["detector"]: r for r in cold_rows}.values()])
     oods = list(suite.ood)
-    table, worst = auroc_table(names, ours, theirs, theirs_fp, oods)
+    aurocs, worst = auroc_table(names, ours, theirs, theirs_fp, oods)
     map_table = ash_feature_map_aurocs(suite, ckpt)
     held = suite.held_out()
     sizes = ", ".join(f"{k} {len(v)}" for k, v in {"train": suite.id_train, **eval_sets(suite)}.items())
@@ -415,7 +394,7 @@ per-repeat ratios to the oodlab cold sweep in the same column. Wall-clock is wha
 threads) is shown as a check that is less sensitive to other users' load and to pauses. All repeats (wall s):
 {_all(t)}.
 
-{chr(10).join(timing)}
+{timing}
 
 End to end, pytorch-ood usage 1 takes **{_median_ratio(pod1[0], cold):.2f}x** as long as oodlab's one-command
 cold sweep, and usage 2 {_median_ratio(pod2[0], cold):.2f}x. `run_bench` also draws an HTML report with one figure per
@@ -435,13 +414,13 @@ model: fitted states, every detector's scores and the intervals are cached by co
 only the tables and the report are written again.
 Per detector, last repeat (fit and score seconds inside `run_bench`; extraction is not in them):
 
-{chr(10).join(per_det)}
+{per_det}
 
 AUROC (%) on `{suite.name}`, oodlab / pytorch-ood usage 1; "usage 1 vs 2" is the largest AUROC difference between
 pytorch-ood's two usages; the last column is the API usage 2 calls. Largest oodlab vs pytorch-ood difference where
 the definitions match: **{worst:.3f} points**.
 
-{table}
+{aurocs}
 
 Where the definitions differ: {differ or 'nowhere'}. Same definition, other settings or numerics: {notes or 'none'}.
 
@@ -454,11 +433,8 @@ AUROC (%) oodlab / pytorch-ood:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", default="fashionmnist")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = parser(__doc__, repeats=3, suite="fashionmnist")
     ap.add_argument("--detectors", help=f"comma list, a subset of {','.join(DETECTORS)} (quick checks; not written)")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not write docs/results")
     a = ap.parse_args()
     names = DETECTORS
     if a.detectors:
@@ -466,6 +442,7 @@ def main() -> None:
         if unknown := sorted(set(wanted) - set(DETECTORS)):
             ap.error(f"unknown detectors {unknown}; choose from {','.join(DETECTORS)}")
         names = [n for n in DETECTORS if n in wanted]
+    pytorch_ood()
     os.environ.setdefault("OODLAB_QUIET", "1")
     suite = load_suite(a.suite)
     t0 = time.perf_counter()
@@ -473,8 +450,7 @@ def main() -> None:
     print(body)
     print(f"measured in {time.perf_counter() - t0:.0f} s", flush=True)
     if not a.no_write and not a.detectors:
-        write_section("sweep", f"One-pass sweep vs pytorch-ood ({a.suite})",
-                      shlex.join(["python", "benchmarks/sweep.py", *sys.argv[1:]]), body)
+        write_section("sweep", f"One-pass sweep vs pytorch-ood ({a.suite})", body)
 
 
 def _all(t: dict[str, list[float]]) -> str:

@@ -1,4 +1,4 @@
-"""Training with auxiliary outliers on Fashion-MNIST: ERM vs OE, Energy-OE, GReg and GReg+.
+"""Training with auxiliary outliers on Fashion-MNIST: ERM vs OE, Energy-OE, GReg and GReg+ (and LogitNorm, T2FNorm, ISH).
 
 Protocol (the GReg recipe fine-tunes a trained model; a CPU budget allows a short fine-tune):
 - base model per seed: ERM with oodlab's default recipe (seed 0 is the suite's default checkpoint,
@@ -6,7 +6,8 @@ Protocol (the GReg recipe fine-tunes a trained model; a CPU budget allows a shor
 - every method, ERM included (as the control for the extra training), fine-tunes that base for
   ``--epochs`` epochs on a random ``--subset`` of the ID training set (drawn per seed), SGD with
   momentum, cosine schedule, the same batch size; auxiliary outliers = ``photos`` crops;
-- evaluation: ID test accuracy, AUROC / FPR95 per OOD set with the Energy score and MSP.
+- evaluation: ID test accuracy, AUROC / FPR95 per OOD set with the Energy score and MSP (and SCALE, for ISH).
+LogitNorm, T2FNorm and ISH train on the ID set alone (no outliers), with the same fine-tune.
 Every finished (method, seed) row is appended to ``<out>/rows.jsonl``; re-running resumes.
 
     python benchmarks/train_outliers.py --seeds 0 1
@@ -15,13 +16,12 @@ Every finished (method, seed) row is appended to ``<out>/rows.jsonl``; re-runnin
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from statistics import mean, median, stdev
+from statistics import mean, median
 
 import torch
 
@@ -39,11 +39,20 @@ from oodlab.training.outlier_exposure import default_margins
 from oodlab.training.recipes import default_checkpoint, default_config, train_on_suite
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_doc import write_section  # noqa: E402
+from harness import append_row, interleaved, parser, read_rows, threads, write_section  # noqa: E402
+from harness import mean_sd as _pm  # noqa: E402  (mean ± sd in %, over seeds)
 
-METHODS = ["erm", "oe", "energy-oe", "greg", "greg+"]
+METHODS = ["erm", "oe", "energy-oe", "greg", "greg+", "logitnorm", "t2fnorm", "ish"]
 LABELS = {"base": "ERM (base, no fine-tune)", "erm": "ERM fine-tune", "oe": "OE", "energy-oe": "Energy-OE",
-          "greg": "GReg", "greg+": "GReg+"}
+          "greg": "GReg", "greg+": "GReg+", "logitnorm": "LogitNorm", "t2fnorm": "T2FNorm", "ish": "ISH"}
+NO_AUX = ("erm", "logitnorm", "t2fnorm", "ish")  # methods trained on the ID set alone
+# the post-hoc score each training-time method's paper pairs it with (T2FNorm: MSP is its official postprocessor;
+# fine-tuned, so its unscaled inference, as the official fine-tuned ImageNet-1K model)
+PAIRED = {"logitnorm": "msp", "t2fnorm": "msp", "ish": "scale"}
+
+
+def method_options(method: str, aux: ImageSet) -> dict:
+    return {"scaled_inference": False} if method == "t2fnorm" else {} if method in NO_AUX else {"aux": aux}
 
 
 def base_checkpoint(suite: Suite, seed: int, out: Path) -> Path:
@@ -58,8 +67,8 @@ def evaluate_model(ckpt: Path, suite: Suite) -> dict:
     test = extract(model, suite.id_test)
     oods = {name: extract(model, data) for name, data in suite.ood.items()}
     row: dict = {"id_acc": test.accuracy()}
-    for det_name in ("energy", "msp"):
-        det = create(det_name).fit(test, model.head)  # these two read only the head (no statistics)
+    for det_name in ("energy", "msp", "scale"):
+        det = create(det_name).fit(test, model.head)  # these read only the head (no statistics)
         s_id = det.score(test).numpy()
         for name, feats in oods.items():
             m = evaluate(s_id, det.score(feats).numpy())
@@ -67,18 +76,12 @@ def evaluate_model(ckpt: Path, suite: Suite) -> dict:
     return row
 
 
-def append_row(path: Path, row: dict) -> None:
-    """Append one JSON line and close the file (the row is on disk even if the next run is interrupted)."""
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def run(args: argparse.Namespace, suite: Suite, aux: ImageSet) -> list[dict]:
     """Train and evaluate every (method, seed) not yet in ``<out>/rows.jsonl``; returns all rows."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
+    rows = read_rows(rows_path)
     done = {(r["method"], r["seed"]) for r in rows}
     for seed in args.seeds:
         base = base_checkpoint(suite, seed, out)
@@ -93,10 +96,10 @@ def run(args: argparse.Namespace, suite: Suite, aux: ImageSet) -> list[dict]:
             # the official from-scratch CIFAR runs, would not be a like-for-like comparison at this lr)
             cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, optimizer="sgd",
                               weight_decay=5e-4)
-            options = {} if method == "erm" else {"aux": aux}
+            options = method_options(method, aux)
             run_dir = out / f"{method}-seed{seed}"
             ckpt = train_on_suite(RunSpec(base, data=ft_suite), run_dir, method=method, config=cfg, method_options=options)
-            history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+            history = read_rows(run_dir / "history.jsonl")
             steps = args.epochs * -(-len(ft_suite.id_train) // args.batch_size)
             rows.append({"method": method, "seed": seed, "train_s": sum(h["seconds"] for h in history), "steps": steps,
                          **evaluate_model(ckpt, suite)})
@@ -114,7 +117,7 @@ def step_costs(suite: Suite, base: Path, aux: ImageSet, args: argparse.Namespace
     model, _ = load_checkpoint(base)
     model.train()
     cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr)
-    objectives = {m: create_objective(m, {} if m == "erm" else {"aux": aux}, model=model, suite=suite, config=cfg)
+    objectives = {m: create_objective(m, method_options(m, aux), model=model, suite=suite, config=cfg)
                   for m in METHODS}
     objectives["greg+ (per-epoch refresh)"] = create_objective("greg+", {"aux": aux, "refresh": "epoch"},
                                                                model=model, suite=suite, config=cfg)
@@ -122,16 +125,14 @@ def step_costs(suite: Suite, base: Path, aux: ImageSet, args: argparse.Namespace
         objective.start_epoch(model, 1, torch.device("cpu"))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     x, y = next(batches(suite.id_train, args.batch_size))
-    times: dict[str, list[float]] = {m: [] for m in objectives}
-    for _ in range(rounds + 1):  # the first round warms up
-        for m, objective in objectives.items():
-            t0 = time.perf_counter()
-            loss, _ = objective.loss(model, x, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            times[m].append(time.perf_counter() - t0)
-    return {m: median(ts[1:]) for m, ts in times.items()}
+    def step(objective) -> None:
+        loss, _ = objective.loss(model, x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    times = interleaved(*(partial(step, o) for o in objectives.values()), repeats=rounds, warmup=1)
+    return {m: median(ts) for m, ts in zip(objectives, times)}
 
 
 def _mean(rows: list[dict], key: str, metric: str | None = None) -> float:
@@ -140,11 +141,6 @@ def _mean(rows: list[dict], key: str, metric: str | None = None) -> float:
 
 def _kind_mean(row: dict, det: str, names: list[str], metric: str) -> float:
     return mean(row[f"{det}/{n}"][metric] for n in names)
-
-
-def _pm(values: list[float]) -> str:
-    """``mean ± sd`` in % (sd over seeds; just the mean for one seed)."""
-    return f"{100 * mean(values):.2f}" + (f" ± {100 * stdev(values):.2f}" if len(values) > 1 else "")
 
 
 def table(rows: list[dict], suite: Suite, seeds: list[int],
@@ -175,6 +171,20 @@ def table(rows: list[dict], suite: Suite, seeds: list[int],
             lines.append(f"| {LABELS[m]} | {100 * mean(acc):.2f} | {' | '.join(cells)} | "
                          f"**{_pm(nat_auroc)}** | **{_pm(nat_fpr)}** | {syn} | {time_cell} |")
             summary.setdefault(m, {}).update({det: nat_fpr, f"{det}_auroc": nat_auroc, "acc": acc})
+        lines.append("")
+    paired = [m for m in PAIRED if m in by_method]
+    if paired and "erm" in by_method:
+        lines += ["**Each training-time method with the score its paper pairs it with** (natural-mean AUROC / FPR95 in %, "
+                  "mean ± sd over the seeds; ERM fine-tune with the same score as the reference)", "",
+                  "| method | score | ID acc | natural AUROC | natural FPR95 | ERM fine-tune natural AUROC / FPR95 |",
+                  "|" + " --- |" * 6]
+        for m in paired:
+            det, ref = PAIRED[m], by_method["erm"]
+            cells = [_pm([_kind_mean(r, det, natural, k) for r in by_method[m]]) for k in ("auroc", "fpr95")]
+            lines.append(f"| {LABELS[m]} | {det.upper() if det == 'msp' else 'SCALE (p = 85)'} | "
+                         f"{100 * mean(r['id_acc'] for r in by_method[m]):.2f} | **{cells[0]}** | **{cells[1]}** | "
+                         f"{_pm([_kind_mean(r, det, natural, 'auroc') for r in ref])} / "
+                         f"{_pm([_kind_mean(r, det, natural, 'fpr95') for r in ref])} |")
         lines.append("")
     lines += ["**Per seed**: ID acc % / natural-mean FPR95 % with Energy / fine-tune wall time (shared machine, "
               "so times vary with its load)", "",
@@ -208,7 +218,7 @@ def verdict(summary: dict[str, dict[str, list[float]]]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, threads=1)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--epochs", type=int, default=2)
@@ -216,12 +226,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="ID batch (the GReg paper's 64)")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--aux", default="photos")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     ap.add_argument("--out", default="runs/train_outliers")
-    ap.add_argument("--no-doc", action="store_true", help="do not write docs/results.md")
     args = ap.parse_args()
     t0 = time.time()
-    torch.set_num_threads(args.threads)
+    threads(args.threads)  # 1 is fastest on a busy 2-core machine
     suite = load_suite("fashionmnist")
     aux = aux_source(args.aux, suite)
     rows = run(args, suite, aux)
@@ -232,7 +240,7 @@ def main() -> None:
     check = verdict(summary)
     print(check)
     print(f"total {time.time() - t0:.0f} s")
-    if not args.no_doc:
+    if not args.no_write:
         m_in, m_out = default_margins(suite)
         protocol = (
             f"Protocol: each seed's ERM model (oodlab's default recipe: smallcnn, "
@@ -251,9 +259,10 @@ def main() -> None:
             f"({args.epochs} epochs of {-(-args.subset // args.batch_size)} steps) were taken on a shared machine. "
             f"GReg+ with the cheaper `refresh=\"epoch\"` option (not trained here): "
             f"{1000 * costs['greg+ (per-epoch refresh)']:.0f} ms per step plus one scoring pass over the auxiliary "
-            "set per epoch.")
+            "set per epoch. Without outliers: LogitNorm (tau 0.04), T2FNorm (tau 0.1; fine-tuned, so scored "
+            "without the 1/tau, as the official fine-tuned ImageNet-1K model), ISH (percentile 85, head weight "
+            "decay 5e-5), each also shown with the score its paper pairs it with.")
         write_section("train_outliers", "Training with auxiliary outliers (OE, Energy-OE, GReg, GReg+)",
-                      "python benchmarks/" + Path(sys.argv[0]).name + " " + shlex.join(sys.argv[1:]),
                       f"{protocol}\n\n{body}\n{check}\n")
 
 

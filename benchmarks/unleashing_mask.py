@@ -14,6 +14,7 @@ Every run trains on ``--threads`` CPU threads (default 1), since the weights dep
 resume, and run folders trained on another thread count are refused. Usage::
 
     python benchmarks/unleashing_mask.py [--train-size 5000] [--epochs 30] [--um-epochs 10] [--threads 1] [--stage erm]
+        [--no-write]
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import shutil
 import statistics
 import sys
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results_doc import ROOT, write_section
+from harness import SECTIONS, parser, read_rows, table, threads, write_section
 
 from oodlab.specs import RunSpec
 from oodlab.bench import run_bench
@@ -45,7 +45,6 @@ from oodlab.training.recipes import train_on_suite
 from oodlab.training.tracking import best_epoch, holdout_suite, plot_tracking, tracking_hook
 from oodlab.training.unleashing_mask import estimate_constraint, write_atypical_report
 
-FIGURES = ROOT / "docs" / "results"
 ACC_BUDGET = 1.5  # points of ID accuracy a method may lose against the final model
 ID_ONLY_GAP = 1.0  # the ID-only constraint's epoch: within this many points (a margin under the budget, since
 #                    a fine-tune from the final model ends below the accuracy of the epoch whose loss it targets)
@@ -105,13 +104,13 @@ def tracked_erm(setting: Setting, seed: int, a: argparse.Namespace,
     data = prepare(setting.suite, a.train_size, setting.label_noise)
     run = out / "erm" if (setting, seed) == (SETTINGS[0], 0) else out / "search" / f"{setting.key}-seed{seed}"
     cfg = TrainConfig(epochs=a.epochs, lr=setting.lr or a.lr, seed=seed, **BASE)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(setting.threads or threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(setting.threads or before)
     try:
         check_compute(run)
         final = train_on_suite(RunSpec(data=data[0]), run, config=cfg, hooks=[tracking_hook(data[1], run)], verbose=False)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     return final, history(run), data
 
 
@@ -151,8 +150,7 @@ def family_means(auroc: dict[str, float]) -> tuple[float, float]:
 def replicate(a: argparse.Namespace, out: Path) -> str:
     """ERM seeds 0 and ``--erm-seeds``: final, best intermediate within the budget, and UM at the ID-only
     constraint, on the test split; a markdown table of the changes against each seed's final model."""
-    lines = ["| ERM seed | final: ID acc / mean AUROC | best intermediate within budget: epoch, Δ acc / Δ AUROC | "
-             "UM c (ID-only) | UM: Δ acc / Δ AUROC | UM Δ AUROC natural / synthetic |", "|---" * 6 + "|"]
+    lines = []
     deltas: dict[str, list[float]] = {"best": [], "um": [], "acc": [], "nat": [], "syn": []}
     for seed in [0, *a.erm_seeds]:
         final, rows, (train_suite, val, test_suite, _) = tracked_erm(SETTINGS[0], seed, a, out)
@@ -172,40 +170,45 @@ def replicate(a: argparse.Namespace, out: Path) -> str:
         deltas["acc"].append(acc["um"] - acc["final"])
         deltas["nat"].append(100 * (nat - nat0))
         deltas["syn"].append(100 * (syn - syn0))
-        lines.append(f"| {seed} | {acc['final']:.2f} / {auroc['final']:.2f} | {close}, {acc['best'] - acc['final']:+.2f} / "
-                     f"{auroc['best'] - auroc['final']:+.2f} | {c:g} | {acc['um'] - acc['final']:+.2f} / "
-                     f"{auroc['um'] - auroc['final']:+.2f} | {deltas['nat'][-1]:+.2f} / {deltas['syn'][-1]:+.2f} |")
+        lines.append([seed, f"{acc['final']:.2f} / {auroc['final']:.2f}",
+                      f"{close}, {acc['best'] - acc['final']:+.2f} / {auroc['best'] - auroc['final']:+.2f}", f"{c:g}",
+                      f"{acc['um'] - acc['final']:+.2f} / {auroc['um'] - auroc['final']:+.2f}",
+                      f"{deltas['nat'][-1]:+.2f} / {deltas['syn'][-1]:+.2f}"])
     mean = {k: statistics.mean(v) for k, v in deltas.items()}
-    lines.append(f"| mean | | Δ AUROC {mean['best']:+.2f} | | {mean['acc']:+.2f} / {mean['um']:+.2f} | "
-                 f"{mean['nat']:+.2f} / {mean['syn']:+.2f} |")
+    lines.append(["mean", "", f"Δ AUROC {mean['best']:+.2f}", "", f"{mean['acc']:+.2f} / {mean['um']:+.2f}",
+                  f"{mean['nat']:+.2f} / {mean['syn']:+.2f}"])
     n = len(deltas["um"])
     within = [-d <= ACC_BUDGET for d in deltas["acc"]]
     better = [d > 0 for d in deltas["um"]]
-    lines += ["", f"UM at the ID-only constraint over the {n} ERM seeds: mean Energy AUROC {mean['um']:+.2f} points "
+    return "\n".join([table(["ERM seed", "final: ID acc / mean AUROC",
+                              "best intermediate within budget: epoch, Δ acc / Δ AUROC", "UM c (ID-only)",
+                              "UM: Δ acc / Δ AUROC", "UM Δ AUROC natural / synthetic"], lines),
+                       "", f"UM at the ID-only constraint over the {n} ERM seeds: mean Energy AUROC {mean['um']:+.2f} points "
               f"(natural sets {mean['nat']:+.2f}, synthetic {mean['syn']:+.2f}) at a mean ID accuracy change of "
               f"{mean['acc']:+.2f} points ({'within' if -mean['acc'] <= ACC_BUDGET else 'outside'} the {ACC_BUDGET}-point "
               f"budget). Per seed: AUROC up in {sum(better)} of {n}, accuracy within the budget in {sum(within)} of {n}, "
               f"both in {sum(b and w for b, w in zip(better, within))} of {n}; natural-set AUROC up in "
-              f"{sum(d > 0 for d in deltas['nat'])} of {n}."]
-    return "\n".join(lines)
+              f"{sum(d > 0 for d in deltas['nat'])} of {n}."])
 
 
 def search(a: argparse.Namespace, out: Path) -> tuple[str, dict[str, dict[int, list[dict[str, Any]]]]]:
     """ERM in every setting of :data:`SETTINGS` over seeds; a markdown table (validation split) of how much
     better the best intermediate epoch detects OOD than the final one, and the curves."""
     curves: dict[str, dict[int, list[dict[str, Any]]]] = {}
-    lines = ["| setting | seed | final: ID acc / mean AUROC | AUROC range, last 10 epochs | best within budget: "
-             "epoch, Δ acc / Δ AUROC | best overall: epoch, Δ acc / Δ AUROC |", "|---" * 6 + "|"]
+    lines = []
     for setting in SETTINGS:
         for seed in ([0, *a.erm_seeds] if setting is SETTINGS[0] else a.search_seeds):
             rows = curves.setdefault(setting.label, {})[seed] = tracked_erm(setting, seed, a, out)[1]
             last, late = rows[-1], [100 * r["energy_auroc"] for r in rows[-10:]]
             d = lambda e, key: 100 * (rows[e - 1][key] - last[key])  # noqa: E731
             close, best = best_within_budget(rows), best_epoch(rows)
-            lines.append(f"| {setting.label} | {seed} | {100 * last['val_acc']:.2f} / {100 * last['energy_auroc']:.2f} | "
-                         f"{min(late):.2f} - {max(late):.2f} | {close}, {d(close, 'val_acc'):+.2f} / "
-                         f"{d(close, 'energy_auroc'):+.2f} | {best}, {d(best, 'val_acc'):+.2f} / {d(best, 'energy_auroc'):+.2f} |")
-    return "\n".join(lines + ["", seed_means(curves), "", thread_effect(curves, a.search_seeds)]), curves
+            lines.append([setting.label, seed, f"{100 * last['val_acc']:.2f} / {100 * last['energy_auroc']:.2f}",
+                          f"{min(late):.2f} - {max(late):.2f}",
+                          f"{close}, {d(close, 'val_acc'):+.2f} / {d(close, 'energy_auroc'):+.2f}",
+                          f"{best}, {d(best, 'val_acc'):+.2f} / {d(best, 'energy_auroc'):+.2f}"])
+    searched = table(["setting", "seed", "final: ID acc / mean AUROC", "AUROC range, last 10 epochs",
+                      "best within budget: epoch, Δ acc / Δ AUROC", "best overall: epoch, Δ acc / Δ AUROC"], lines)
+    return "\n".join([searched, "", seed_means(curves), "", thread_effect(curves, a.search_seeds)]), curves
 
 
 def natural_auroc(row: dict[str, Any]) -> float:
@@ -224,20 +227,21 @@ def seed_means(curves: dict[str, dict[int, list[dict[str, Any]]]]) -> str:
     """Markdown: per setting with several seeds, the seed-averaged curve's best epoch within the budget against
     its final epoch, next to the spread of the final AUROC over seeds (a stage that exists systematically
     shows on the averaged curve; one seed's lucky epoch averages out)."""
-    lines = ["The curves averaged over seeds, epoch by epoch (validation split; natural = the OOD sets other than "
-             f"{', '.join(SYNTHETIC)}; the best epoch within the budget is picked on the averaged mean AUROC):", "",
-             "| setting | seeds | mean final: ID acc / AUROC / natural AUROC | final AUROC over seeds: min - max | "
-             "averaged curve, best within budget: epoch, Δ acc / Δ AUROC / Δ natural AUROC |", "|---" * 5 + "|"]
+    lines = []
     for label, seeds in curves.items():
         if len(seeds) < 2:
             continue
         rows, finals = mean_curve(seeds), [100 * r[-1]["energy_auroc"] for r in seeds.values()]
         last, e = rows[-1], best_within_budget(rows)
         d = {k: 100 * (rows[e - 1][k] - last[k]) for k in ("val_acc", "energy_auroc", "natural_auroc")}
-        lines.append(f"| {label} | {len(seeds)} | {100 * last['val_acc']:.2f} / {100 * last['energy_auroc']:.2f} / "
-                     f"{100 * last['natural_auroc']:.2f} | {min(finals):.2f} - {max(finals):.2f} | {e}, "
-                     f"{d['val_acc']:+.2f} / {d['energy_auroc']:+.2f} / {d['natural_auroc']:+.2f} |")
-    return "\n".join(lines)
+        lines.append([label, len(seeds),
+                      f"{100 * last['val_acc']:.2f} / {100 * last['energy_auroc']:.2f} / {100 * last['natural_auroc']:.2f}",
+                      f"{min(finals):.2f} - {max(finals):.2f}",
+                      f"{e}, {d['val_acc']:+.2f} / {d['energy_auroc']:+.2f} / {d['natural_auroc']:+.2f}"])
+    return ("The curves averaged over seeds, epoch by epoch (validation split; natural = the OOD sets other than "
+            f"{', '.join(SYNTHETIC)}; the best epoch within the budget is picked on the averaged mean AUROC):\n\n"
+            + table(["setting", "seeds", "mean final: ID acc / AUROC / natural AUROC", "final AUROC over seeds: min - max",
+                     "averaged curve, best within budget: epoch, Δ acc / Δ AUROC / Δ natural AUROC"], lines))
 
 
 def thread_effect(curves: dict[str, dict[int, list[dict[str, Any]]]], seeds: list[int]) -> str:
@@ -289,7 +293,7 @@ def plot_search(curves: dict[str, dict[int, list[dict[str, Any]]]], path: Path) 
 
 
 def history(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    return read_rows(run / "history.jsonl")
 
 
 def fine_tune(method: str, train_suite: Suite, val: Suite, init_from: Path, start: dict[str, Any], out: Path,
@@ -333,21 +337,18 @@ def summary(rows: list[dict[str, Any]], det: str) -> dict[str, Any]:
     return next(s for s in summary_rows(rows) if s["detector"] == det)
 
 
-def table(results: dict[str, list[dict[str, Any]]], det: str) -> str:
+def detector_table(results: dict[str, list[dict[str, Any]]], det: str) -> str:
     """Markdown: one row per model, ``AUROC / FPR95`` per OOD set with ``det``, the mean and ID accuracy."""
-    lines: list[str] = []
+    lines = []
     for model, rows in results.items():
         s = summary(rows, det)
-        if not lines:
-            lines = [f"| {det} | " + " | ".join(s["per_ood"]) + " | mean | ID acc |", "|---" * (len(s["per_ood"]) + 3) + "|"]
-        cells = [f"{100 * v['auroc']:.2f} / {100 * v['fpr95']:.2f}" for v in s["per_ood"].values()]
-        lines.append(f"| {model} | " + " | ".join(cells) +
-                     f" | {100 * s['mean']['auroc']:.2f} / {100 * s['mean']['fpr95']:.2f} | {100 * s['id_acc']:.2f} |")
-    return "\n".join(lines)
+        lines.append([model, *(f"{100 * v['auroc']:.2f} / {100 * v['fpr95']:.2f}" for v in s["per_ood"].values()),
+                      f"{100 * s['mean']['auroc']:.2f} / {100 * s['mean']['fpr95']:.2f}", f"{100 * s['id_acc']:.2f}"])
+    return table([det, *s["per_ood"], "mean", "ID acc"], lines)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, threads=1)
     ap.add_argument("--train-size", type=int, default=5000)
     ap.add_argument("--epochs", type=int, default=30, help="ERM epochs")
     ap.add_argument("--lr", type=float, default=0.05, help="ERM learning rate (SGD, cosine)")
@@ -365,13 +366,9 @@ def main() -> None:
     ap.add_argument("--search-seeds", type=int, nargs="*", default=[0, 1],
                     help="ERM seeds per setting of the search for a better intermediate stage")
     ap.add_argument("--stage", choices=["erm", "all"], default="all", help="erm: only the long ERM run")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="CPU threads for every run: the trained weights depend on it (summation order)")
     ap.add_argument("--out", default="runs/unleashing_mask")
     a = ap.parse_args()
-    if a.threads < 1:
-        ap.error("--threads must be >= 1")
-    torch.set_num_threads(a.threads)
+    threads(a.threads)
     out = Path(a.out)
 
     final, erm, (train_suite, val, test_suite, _) = tracked_erm(SETTINGS[0], 0, a, out)
@@ -424,14 +421,14 @@ def main() -> None:
     results = {key: run_bench(RunSpec(ckpt, data=test_suite), detectors=["energy", "msp"], out_dir=out / "bench" / key, verbose=False)
                for key, (_, ckpt) in models.items()}
 
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    plot_tracking(erm, FIGURES / "unleashing_mask_erm.png",
+    SECTIONS.mkdir(parents=True, exist_ok=True)
+    plot_tracking(erm, SECTIONS / "unleashing_mask_erm.png",
                   f"ERM on {a.train_size} Fashion-MNIST training images (validation split)")
-    plot_fine_tuning({runs[k][0]: rows for k, (_, rows) in tuned.items()}, FIGURES / "unleashing_mask_fine_tuning.png")
-    shutil.copyfile(out / "estimate" / "atypical.png", FIGURES / "unleashing_mask_atypical.png")
+    plot_fine_tuning({runs[k][0]: rows for k, (_, rows) in tuned.items()}, SECTIONS / "unleashing_mask_fine_tuning.png")
+    shutil.copyfile(out / "estimate" / "atypical.png", SECTIONS / "unleashing_mask_atypical.png")
     replicated = replicate(a, out)
     searched, curves = search(a, out)
-    plot_search(curves, FIGURES / "unleashing_mask_search.png")
+    plot_search(curves, SECTIONS / "unleashing_mask_search.png")
 
     est = json.loads((out / "estimate" / "atypical.json").read_text())
     auroc = {k: 100 * summary(r, "energy")["mean"]["auroc"] for k, r in results.items()}
@@ -445,11 +442,12 @@ def main() -> None:
     chance = (f", at or above chance level (ln 10 = {math.log(10):.4f}): `oodlab train` refuses such an estimate "
               "as the sign of an untrained model, and this benchmark passes it on explicitly to measure the recipe as "
               "published" if est["constraint"] >= math.log(10) else "")
-    sens = ["| method | c | lr | val ID acc | val mean Energy AUROC |", "|---|---|---|---|---|",
-            f"| ERM final (epoch {a.epochs}) | - | - | {100 * v0['val_acc']:.2f} | {100 * v0['energy_auroc']:.2f} |"]
-    sens += [f"| {m.upper()} | {c:g} | {lr:g} | {100 * rows[-1]['val_acc']:.2f} ({100 * (rows[-1]['val_acc'] - v0['val_acc']):+.2f}) | "
-             f"{100 * rows[-1]['energy_auroc']:.2f} ({100 * (rows[-1]['energy_auroc'] - v0['energy_auroc']):+.2f}) |"
-             for (m, c, lr), (_, rows) in sorted(swept.items(), key=lambda kv: kv[0])]
+    sens = table(["method", "c", "lr", "val ID acc", "val mean Energy AUROC"],
+                 [[f"ERM final (epoch {a.epochs})", "-", "-", f"{100 * v0['val_acc']:.2f}", f"{100 * v0['energy_auroc']:.2f}"],
+                  *([m.upper(), f"{c:g}", f"{lr:g}",
+                     f"{100 * rows[-1]['val_acc']:.2f} ({100 * (rows[-1]['val_acc'] - v0['val_acc']):+.2f})",
+                     f"{100 * rows[-1]['energy_auroc']:.2f} ({100 * (rows[-1]['energy_auroc'] - v0['energy_auroc']):+.2f})"]
+                    for (m, c, lr), (_, rows) in sorted(swept.items(), key=lambda kv: kv[0]))])
     verdict = "\n".join(
         f"- {models[k][0]}: mean Energy AUROC {auroc[k] - auroc['final']:+.2f} points, ID accuracy "
         f"{acc[k] - acc['final']:+.2f} points ({'within' if acc['final'] - acc[k] <= ACC_BUDGET else 'outside'} "
@@ -484,9 +482,9 @@ Against the final model:
 
 Cells are AUROC / FPR95 in % (ID = Fashion-MNIST test, higher score = ID).
 
-{table({models[k][0]: r for k, r in results.items()}, "energy")}
+{detector_table({models[k][0]: r for k, r in results.items()}, "energy")}
 
-{table({models[k][0]: r for k, r in results.items()}, "msp")}
+{detector_table({models[k][0]: r for k, r in results.items()}, "msp")}
 
 Sensitivity of UM to the constraint and the fine-tuning learning rate, {a.um_epochs} epochs from the final
 model, measured on the validation split after the last epoch (the split the hand-set c came from, so
@@ -496,7 +494,7 @@ tables above). c = {c_curve} is the loss at the best validation stage within the
 within {ID_ONLY_GAP} points of the final one (ID data only; a margin under the {ACC_BUDGET}-point budget because a
 fine-tune ends below the accuracy of the epoch whose loss it targets). UMAP uses magnitude init.
 
-{chr(10).join(sens)}
+{sens}
 
 **The same with other ERM seeds.** The ERM run repeated with seeds {", ".join(map(str, [0, *a.erm_seeds]))} (same
 data, other initialisation and batch order); each final model fine-tuned with UM for {a.um_epochs} epochs at lr
@@ -528,8 +526,8 @@ estimated c:
 ![atypical samples](results/unleashing_mask_atypical.png)
 """
     print(body)
-    write_section("unleashing_mask", "Unleashing Mask (UM / UMAP) on Fashion-MNIST",
-                  shlex.join(["python", "benchmarks/unleashing_mask.py", *sys.argv[1:]]), body)
+    if not a.no_write:
+        write_section("unleashing_mask", "Unleashing Mask (UM / UMAP) on Fashion-MNIST", body)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,11 @@ class Objective(ABC):
         """Parameters the optimiser updates (default: all of the model's)."""
         return list(model.parameters())
 
+    def weight_decays(self, model: Classifier) -> dict[str, float]:
+        """Parameters (by name in ``model.named_parameters()``) that train with a weight decay other than the
+        config's, and theirs (e.g. ISH's head); each value makes its own optimiser group."""
+        return {}
+
     def begin(self, model: Classifier, run_dir: Path) -> None:
         """Called once per run, before resuming, with the model on its device (e.g. to write reports)."""
 
@@ -240,11 +245,12 @@ def train(model: Classifier, train_set: ImageSet, objective: Objective, cfg: Tra
     cfg = resolve_config(cfg, objective)
     objective.begin(model, run)
     params = objective.parameters(model)
+    groups = _param_groups(model, params, objective.weight_decays(model))
     if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                                      weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
     else:
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = steps_per_epoch(len(train_set), cfg.batch_size)
     if steps * cfg.batch_size < len(train_set) and distributed.is_main():
         n, world = len(train_set), distributed.world_size()
@@ -292,6 +298,24 @@ def train(model: Classifier, train_set: ImageSet, objective: Objective, cfg: Tra
                         objective.state_dict())
         distributed.barrier()
     return run / "last.safetensors"
+
+
+def _param_groups(model: Classifier, params: list[torch.nn.Parameter],
+                  decays: dict[str, float]) -> list[torch.nn.Parameter] | list[dict[str, Any]]:
+    """``params`` as they are when ``decays`` is empty, else one optimiser group per weight decay named in
+    ``decays`` (see :meth:`Objective.weight_decays`) and one, with the config's, for the rest."""
+    if not decays:
+        return params
+    names = {id(p): n for n, p in model.named_parameters()}
+    if unknown := sorted(set(decays) - {names.get(id(p)) for p in params}):
+        raise ValueError(f"weight decays given for {', '.join(map(repr, unknown))}, which the optimiser does not "
+                         "update (not among the objective's parameters)")
+    rest = [p for p in params if names.get(id(p)) not in decays]
+    groups: list[dict[str, Any]] = [{"params": rest}] if rest else []
+    for wd in sorted(set(decays.values())):
+        number("weight decay", wd, 0.0)
+        groups.append({"params": [p for p in params if decays.get(names.get(id(p))) == wd], "weight_decay": wd})
+    return groups
 
 
 def _save_epoch(run: Path, model: Classifier, opt, sched, epoch: int, meta: dict[str, Any], row: dict[str, Any],
